@@ -1,0 +1,126 @@
+/* clone.c — PID 1 of a new sandbox.
+ *
+ * clone3(CLONE_PIDFD | new mount/PID/UTS/IPC[/net] namespaces) then, in the
+ * child, one explicit ordered setup list; the child finally execveat()s the
+ * static sbx-init binary (opened by the parent) so PID 1 is a tiny process and
+ * not a copy-on-write image of the Python runtime. Any failure is reported as
+ * one sbx_err record on the CLOEXEC error pipe and the child exits. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "sbx.h"
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+static void fail(int errfd, int step, int err, int index, const char *detail)
+{
+    sbx_err_write(errfd, step, -err, index, detail);
+    _exit(1);
+}
+
+/* The ordered setup list (DESIGN §6.4). Never returns. */
+static void child(const struct sbx_start *s, int errfd)
+{
+    int r, idx;
+    /* Die with the runtime instead of outliving it unsupervised. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+
+    if (s->netns_fd >= 0) {
+        if ((r = sbx_setns(s->netns_fd, CLONE_NEWNET)) < 0)
+            fail(errfd, SBX_STEP_JOIN_NETNS, r, -1, NULL);
+    } else if ((r = sbx_loopback_up()) < 0)
+        fail(errfd, SBX_STEP_LOOPBACK, r, -1, NULL);
+
+    if ((r = sbx_join_cgroup(s->procs_fds, s->nprocs)) < 0)
+        fail(errfd, SBX_STEP_JOIN_CGROUP, r, -1, NULL);
+    /* Only after joining: the namespace's root is the cgroup we are in now. */
+    if ((r = sbx_unshare(CLONE_NEWCGROUP)) < 0)
+        fail(errfd, SBX_STEP_CGROUPNS, r, -1, NULL);
+
+    /* Private, recursively: no mount we make propagates back to the host,
+     * and no host mount event reaches in. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        fail(errfd, SBX_STEP_PROPAGATION, -errno, -1, NULL);
+
+    if ((r = sbx_mount_run(s->ops, s->nops, &idx)) < 0)
+        fail(errfd, SBX_STEP_MOUNT, r, idx, s->ops[idx].dst);
+
+    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
+        fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, s->hostname);
+
+    if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
+        fail(errfd, SBX_STEP_STDIO, r, -1, NULL);
+
+    if ((r = sbx_caps_apply(s->caps)) < 0)
+        fail(errfd, SBX_STEP_CAPS, r, -1, NULL);
+
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        fail(errfd, SBX_STEP_NO_NEW_PRIVS, -errno, -1, NULL);
+
+    /* sbx-init finds the error pipe on fd 3 (its argv says so). */
+    int init_fd = s->init_fd;
+    if (init_fd == 3 && (init_fd = fcntl(init_fd, F_DUPFD_CLOEXEC, 4)) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    if (errfd != 3) {
+        if (dup2(errfd, 3) < 0)
+            fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+        errfd = 3;
+    }
+    /* Every inherited runtime fd (sockets, netns fds, pipes of other
+     * sandboxes) closes at execve; only stdio and the error pipe survive. */
+    if (syscall(SYS_close_range, 4, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+
+    if ((r = sbx_seccomp_install()) < 0)
+        fail(errfd, SBX_STEP_SECCOMP, r, -1, NULL);
+
+    syscall(SYS_execveat, init_fd, "", s->init_argv, s->init_envp, AT_EMPTY_PATH);
+    fail(errfd, SBX_STEP_INIT, -errno, -1, "sbx-init");
+}
+
+int sbx_start(const struct sbx_start *s, int *pidfd_out, int *errfd_out)
+{
+    int ep[2];
+    if (pipe2(ep, O_CLOEXEC) < 0)
+        return -errno;
+
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    int pidfd = -1;
+    args.flags = CLONE_PIDFD | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
+    if (s->netns_fd < 0)
+        args.flags |= CLONE_NEWNET;
+    if (s->cgroup_fd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)s->cgroup_fd;
+    }
+    args.pidfd = (uint64_t)(uintptr_t)&pidfd;
+    args.exit_signal = SIGCHLD;
+
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid < 0) {
+        int e = errno;
+        close(ep[0]);
+        close(ep[1]);
+        return -e;
+    }
+    if (pid == 0) {
+        close(ep[0]);
+        child(s, ep[1]);
+    }
+    close(ep[1]);
+    *pidfd_out = pidfd;
+    *errfd_out = ep[0];
+    return (int)pid;
+}

@@ -1,0 +1,131 @@
+/* init.c — sbx-init, PID 1 of every sandbox (a static binary, so it runs in
+ * any rootfs). It forks the entrypoint, forwards every signal it receives to
+ * it, reaps orphans, and exits with the entrypoint's status (128+N for a
+ * signal). Without an entrypoint it only reaps, and stops on the signals that
+ * would stop a `sleep`.
+ *
+ * argv: sbx-init ERRFD - (idle)
+ *       sbx-init ERRFD UID GID CWD PATH NGROUPS G... -- ARGV...
+ * environ is the entrypoint's environment.
+ *
+ * A signal sent to PID 1 from outside its namespace is dropped by the kernel
+ * when the disposition is SIG_DFL, even if blocked: so every signal gets a
+ * (never run) handler, is blocked, and is collected with rt_sigtimedwait. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "sbx.h"
+
+struct ksigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+};
+
+static void never(int sig) { (void)sig; }
+
+static void take_all_signals(void)
+{
+    struct ksigaction ka;
+    memset(&ka, 0, sizeof ka);
+    ka.handler = (void *)never;
+    for (int s = 1; s <= 64; s++) {
+        if (s == SIGKILL || s == SIGSTOP)
+            continue;
+        syscall(SYS_rt_sigaction, s, &ka, NULL, 8);
+    }
+}
+
+static int status_code(int st)
+{
+    if (WIFEXITED(st))
+        return WEXITSTATUS(st);
+    if (WIFSIGNALED(st))
+        return 128 + WTERMSIG(st);
+    return 1;
+}
+
+int main(int argc, char **argv, char **envp)
+{
+    if (argc < 3)
+        return 125;
+    int errfd = atoi(argv[1]);
+    uint64_t all = ~0ULL;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, NULL, 8);
+    take_all_signals();
+
+    pid_t entry = -1;
+    if (strcmp(argv[2], "-") != 0) {
+        if (argc < 8)
+            return 125;
+        struct sbx_proc p;
+        memset(&p, 0, sizeof p);
+        p.uid = atoi(argv[2]);
+        p.gid = atoi(argv[3]);
+        p.cwd = argv[4];
+        p.path = argv[5];
+        int ng = atoi(argv[6]);
+        if (ng < 0 || ng > 64 || 7 + ng >= argc)
+            return 125;
+        unsigned int groups[64];
+        for (int i = 0; i < ng; i++)
+            groups[i] = (unsigned)strtoul(argv[7 + i], NULL, 10);
+        p.groups = groups;
+        p.ngroups = ng;
+        int k = 7 + ng;
+        if (strcmp(argv[k], "--") != 0 || k + 1 >= argc)
+            return 125;
+        p.argv = (const char *const *)&argv[k + 1];
+        p.envp = (const char *const *)envp;
+        p.stdin_fd = p.stdout_fd = p.stderr_fd = -1; /* already on 0..2 */
+        fcntl(errfd, F_SETFD, FD_CLOEXEC);
+        entry = fork();
+        if (entry < 0) {
+            sbx_err_write(errfd, SBX_STEP_FORK, errno, -1, NULL);
+            return 125;
+        }
+        if (entry == 0) {
+            int step;
+            int r = sbx_proc_exec(&p, &step);
+            sbx_err_write(errfd, step, -r, -1, step == SBX_STEP_CHDIR ? p.cwd : p.argv[0]);
+            _exit(127);
+        }
+    }
+    /* Our copies would keep the runtime's pipes open past the entrypoint. */
+    close(errfd);
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    for (int fd = 0; fd < 3; fd++) {
+        if (devnull >= 0)
+            dup2(devnull, fd);
+        else
+            close(fd);
+    }
+    if (devnull > 2)
+        close(devnull);
+
+    for (;;) {
+        siginfo_t si;
+        int sig = (int)syscall(SYS_rt_sigtimedwait, &all, &si, NULL, 8);
+        if (sig < 0)
+            continue;
+        if (sig == SIGCHLD) {
+            int st;
+            pid_t p;
+            while ((p = waitpid(-1, &st, WNOHANG)) > 0)
+                if (p == entry)
+                    return status_code(st);
+            continue;
+        }
+        if (entry > 0)
+            kill(entry, sig);
+        else if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP || sig == SIGQUIT)
+            return 128 + sig;
+    }
+}

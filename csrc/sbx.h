@@ -1,0 +1,139 @@
+/* sbx.h — the whole C API of sandbox._native.
+ *
+ * The part between the CDEF markers is fed verbatim to cffi's cdef(), so it
+ * holds only plain declarations (no includes, no macros with expressions).
+ * Every function returns >= 0 on success or -errno; nothing prints or exits.
+ */
+#ifndef SBX_H
+#define SBX_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* CDEF BEGIN */
+#define SBX_ABI_VERSION 3
+
+/* The ordered steps of a child's setup; Python mirrors the names. */
+enum sbx_step {
+    SBX_STEP_NONE = 0,
+    SBX_STEP_CLONE,
+    SBX_STEP_JOIN_NETNS,
+    SBX_STEP_LOOPBACK,
+    SBX_STEP_JOIN_CGROUP,
+    SBX_STEP_CGROUPNS,
+    SBX_STEP_PROPAGATION,
+    SBX_STEP_MOUNT,
+    SBX_STEP_PIVOT_ROOT,
+    SBX_STEP_HOSTNAME,
+    SBX_STEP_STDIO,
+    SBX_STEP_CAPS,
+    SBX_STEP_NO_NEW_PRIVS,
+    SBX_STEP_CLOSE_FDS,
+    SBX_STEP_CHDIR,
+    SBX_STEP_SETGROUPS,
+    SBX_STEP_SETGID,
+    SBX_STEP_SETUID,
+    SBX_STEP_SECCOMP,
+    SBX_STEP_EXECVE,
+    SBX_STEP_SETNS,
+    SBX_STEP_FORK,
+    SBX_STEP_INIT,
+    SBX_STEP_MAX
+};
+
+/* Written once, atomically (< PIPE_BUF), on the CLOEXEC error pipe.
+ * EOF with no record means execve succeeded. */
+struct sbx_err {
+    int32_t step;
+    int32_t err;
+    int32_t index;        /* mount op index for SBX_STEP_MOUNT, else -1 */
+    char detail[244];
+};
+
+enum sbx_mount_kind {
+    SBX_OP_MOUNT = 1,     /* mount(src, dst, fstype, flags, data) */
+    SBX_OP_MKDIR,         /* mkdir(dst, mode), EEXIST ok */
+    SBX_OP_FILE,          /* create dst with data[0..len), mode */
+    SBX_OP_SYMLINK,       /* symlink(src, dst) */
+    SBX_OP_PIVOT,         /* pivot_root into dst, detach the old root */
+    SBX_OP_UMOUNT         /* umount2(dst, MNT_DETACH) */
+};
+
+struct sbx_mount_op {
+    int kind;
+    const char *src;
+    const char *dst;
+    const char *fstype;
+    unsigned long flags;
+    const char *data;
+    size_t len;
+    unsigned int mode;
+};
+
+/* One process to execve: argv/envp NULL-terminated. */
+struct sbx_proc {
+    const char *const *argv;
+    const char *const *envp;
+    const char *path;     /* PATH used to look up argv[0] */
+    const char *cwd;
+    int uid;
+    int gid;
+    const unsigned int *groups;
+    int ngroups;
+    int stdin_fd;
+    int stdout_fd;
+    int stderr_fd;
+};
+
+struct sbx_start {
+    int netns_fd;         /* -1: a fresh netns with only lo up */
+    int cgroup_fd;        /* cgroup v2 dir fd for CLONE_INTO_CGROUP, or -1 */
+    const int *procs_fds; /* cgroup.procs fds to join (v1), written "0" */
+    int nprocs;
+    const char *hostname;
+    const struct sbx_mount_op *ops;
+    int nops;
+    uint64_t caps;        /* capabilities kept (bounding = effective) */
+    int init_fd;          /* fd of the sbx-init executable */
+    const char *const *init_argv;
+    const char *const *init_envp;
+    int stdin_fd;
+    int stdout_fd;
+    int stderr_fd;
+};
+
+struct sbx_exec {
+    int ns_pidfd;         /* pidfd of the sandbox's PID 1 */
+    int cgroup_fd;
+    const int *procs_fds;
+    int nprocs;
+    uint64_t caps;
+    struct sbx_proc proc;
+};
+
+int sbx_abi_version(void);
+/* Clones PID 1 of a new sandbox. Returns its host pid; *pidfd and *errfd
+ * (the read end of the error pipe) belong to the caller. */
+int sbx_start(const struct sbx_start *s, int *pidfd, int *errfd);
+/* Starts one process inside the sandbox of s->ns_pidfd as a child of the
+ * caller. Returns its host pid. */
+int sbx_exec(const struct sbx_exec *x, int *pidfd, int *errfd);
+int sbx_pidfd_signal(int pidfd, int sig);
+/* 0 with *code (0..255, 128+N for signal N) once exited; -EAGAIN before. */
+int sbx_pidfd_wait(int pidfd, int *code);
+int sbx_setns(int fd, int nstype);
+int sbx_unshare(int flags);
+/* CDEF END */
+
+/* Internal, shared by the C files (not part of the cdef). */
+void sbx_err_write(int fd, int step, int err, int index, const char *detail);
+int sbx_mount_run(const struct sbx_mount_op *ops, int n, int *failed);
+int sbx_caps_apply(uint64_t keep);
+int sbx_seccomp_install(void);
+int sbx_loopback_up(void);
+int sbx_join_cgroup(const int *fds, int n);
+/* Child side of running a process: chdir, identity, exec with PATH search.
+ * Only returns on failure, with *step set. */
+int sbx_proc_exec(const struct sbx_proc *p, int *step);
+int sbx_proc_stdio(int in, int out, int err);
+
+#endif

@@ -1,0 +1,190 @@
+"""The only importer of sandbox._native: marshals frozen Python plans into C
+structs, and turns -errno into typed exceptions."""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import ExecError, NativeError, SandboxError
+
+try:
+    from . import _native
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise SandboxError(f"sandbox._native is not built ({e}); rebuild: pip install -e .") from e
+
+ffi, lib = _native.ffi, _native.lib
+ABI_VERSION = 3
+if lib.sbx_abi_version() != ABI_VERSION:  # pragma: no cover
+    raise SandboxError(f"sandbox._native ABI {lib.sbx_abi_version()} != {ABI_VERSION}; "
+                       "rebuild: pip install -e .")
+
+# Mirrors enum sbx_step in csrc/sbx.h, in order.
+STEPS = ["none", "clone", "join_netns", "loopback", "join_cgroup", "cgroupns", "propagation",
+         "mount", "pivot_root", "hostname", "stdio", "capabilities", "no_new_privs",
+         "close_fds", "chdir", "setgroups", "setgid", "setuid", "seccomp", "execve", "setns",
+         "fork", "init"]
+ERR_RECORD = struct.Struct("iii244s")
+
+OP_MOUNT, OP_MKDIR, OP_FILE, OP_SYMLINK, OP_PIVOT, OP_UMOUNT = 1, 2, 3, 4, 5, 6
+INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbx-init")
+
+
+def check(ret: int, step: str, detail: str = "") -> int:
+    if ret < 0:
+        raise NativeError(-ret, step, detail)
+    return ret
+
+
+def parse_error(data: bytes) -> ExecError | None:
+    """The child's error record, or None when the pipe closed clean (execve ran)."""
+    if len(data) < ERR_RECORD.size:
+        return None
+    step, err, index, detail = ERR_RECORD.unpack(data[:ERR_RECORD.size])
+    name = STEPS[step] if 0 <= step < len(STEPS) else f"step{step}"
+    return ExecError(err, name, detail.split(b"\0", 1)[0].decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class MountOp:
+    kind: int
+    dst: str
+    src: str | None = None
+    fstype: str | None = None
+    flags: int = 0
+    data: bytes | str | None = None
+    mode: int = 0
+
+
+@dataclass(frozen=True)
+class ProcSpec:
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    path: str
+    cwd: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+class _Keep:
+    """Keeps cffi allocations alive for the duration of one call."""
+
+    def __init__(self):
+        self.objs: list = []
+
+    def s(self, v: str | bytes | None):
+        if v is None:
+            return ffi.NULL
+        b = v.encode() if isinstance(v, str) else v
+        o = ffi.new("char[]", b)
+        self.objs.append(o)
+        return o
+
+    def argv(self, items: Sequence[str]):
+        arr = ffi.new("char *[]", len(items) + 1)
+        self.objs.append(arr)
+        for i, it in enumerate(items):
+            arr[i] = self.s(it)
+        arr[len(items)] = ffi.NULL
+        return arr
+
+    def ints(self, vals: Sequence[int], ctype: str = "int[]"):
+        arr = ffi.new(ctype, list(vals) or [0])
+        self.objs.append(arr)
+        return arr
+
+
+def _fill_ops(keep: _Keep, ops: Sequence[MountOp]):
+    arr = ffi.new("struct sbx_mount_op[]", max(len(ops), 1))
+    keep.objs.append(arr)
+    for i, op in enumerate(ops):
+        c = arr[i]
+        c.kind = op.kind
+        c.src = keep.s(op.src)
+        c.dst = keep.s(op.dst)
+        c.fstype = keep.s(op.fstype)
+        c.flags = op.flags
+        data = op.data.encode() if isinstance(op.data, str) else op.data
+        c.data = keep.s(data)
+        c.len = len(data) if data else 0
+        c.mode = op.mode
+    return arr
+
+
+def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: str,
+          ops: Sequence[MountOp], caps: int, init_fd: int, init_argv: Sequence[str],
+          init_env: Sequence[str], stdio: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Clones PID 1. Returns (pid, pidfd, errfd)."""
+    k = _Keep()
+    s = ffi.new("struct sbx_start *")
+    s.netns_fd = netns_fd
+    s.cgroup_fd = cgroup_fd
+    s.procs_fds = k.ints(procs_fds)
+    s.nprocs = len(procs_fds)
+    s.hostname = k.s(hostname)
+    s.ops = _fill_ops(k, ops)
+    s.nops = len(ops)
+    s.caps = caps
+    s.init_fd = init_fd
+    s.init_argv = k.argv(init_argv)
+    s.init_envp = k.argv(init_env)
+    s.stdin_fd, s.stdout_fd, s.stderr_fd = stdio
+    pidfd = ffi.new("int *", -1)
+    errfd = ffi.new("int *", -1)
+    pid = check(lib.sbx_start(s, pidfd, errfd), "clone")
+    return pid, pidfd[0], errfd[0]
+
+
+def exec_(*, ns_pidfd: int, cgroup_fd: int, procs_fds: Sequence[int], caps: int,
+          proc: ProcSpec, stdio: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Starts a process inside a sandbox. Returns (pid, pidfd, errfd); pid 0
+    (pidfd -1) when the intermediate failed: the reason is on errfd."""
+    k = _Keep()
+    x = ffi.new("struct sbx_exec *")
+    x.ns_pidfd = ns_pidfd
+    x.cgroup_fd = cgroup_fd
+    x.procs_fds = k.ints(procs_fds)
+    x.nprocs = len(procs_fds)
+    x.caps = caps
+    p = x.proc
+    p.argv = k.argv(proc.argv)
+    p.envp = k.argv(proc.env)
+    p.path = k.s(proc.path)
+    p.cwd = k.s(proc.cwd)
+    p.uid = proc.uid
+    p.gid = proc.gid
+    p.groups = k.ints(proc.groups, "unsigned int[]")
+    p.ngroups = len(proc.groups)
+    p.stdin_fd, p.stdout_fd, p.stderr_fd = stdio
+    pidfd = ffi.new("int *", -1)
+    errfd = ffi.new("int *", -1)
+    pid = check(lib.sbx_exec(x, pidfd, errfd), "fork")
+    return pid, pidfd[0], errfd[0]
+
+
+def pidfd_signal(pidfd: int, sig: int) -> bool:
+    """False when the process is already gone (ESRCH)."""
+    r = lib.sbx_pidfd_signal(pidfd, sig)
+    if r == -3:  # ESRCH
+        return False
+    check(r, "pidfd_send_signal")
+    return True
+
+
+def pidfd_wait(pidfd: int) -> int | None:
+    code = ffi.new("int *")
+    r = lib.sbx_pidfd_wait(pidfd, code)
+    if r == -11:  # EAGAIN: still running
+        return None
+    check(r, "waitid")
+    return code[0]
+
+
+def setns(fd: int, nstype: int) -> None:
+    check(lib.sbx_setns(fd, nstype), "setns")
+
+
+def unshare(flags: int) -> None:
+    check(lib.sbx_unshare(flags), "unshare")

@@ -1,0 +1,334 @@
+"""Outbound policy: target parsing, matching and the decision (SPEC §5, §10).
+
+Pure: no sockets, no clocks, no logging. The proxy builds `Facts` for every request (or
+every TLS ClientHello), reads the sandbox's current `Policy` and calls `decide`; policy
+changes therefore apply to the next request on a live connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+__all__ = [
+    "Target", "Route", "Policy", "Facts", "Decision",
+    "parse_target", "parse_host", "host_from_header", "decide", "match",
+]
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Scheme = Literal["http", "https"]
+DEFAULT_PORTS: dict[str, int] = {"http": 80, "https": 443}
+
+# A hostname label (letters, digits, '-', '_' — underscores appear in real service names)
+# where a glob may put '*' anywhere.
+_LABEL = re.compile(r"[a-z0-9_*-]{1,63}")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parsed `<hostname|glob|IP|CIDR>[:port]`.
+
+    `kind` is "host" (exact name), "glob" (name with '*'), "ip" or "cidr" (an "ip" is a
+    /32 or /128 `network`). `port=None` means "any port" in host lists and "the scheme's
+    default port" for interception routes (see `match`).
+    """
+
+    kind: Literal["host", "glob", "ip", "cidr"]
+    pattern: str  # normalized: lower-case host/glob, or the network's text
+    port: Optional[int] = None
+    network: Optional[IPNetwork] = field(default=None, compare=False)
+    _regex: Optional[re.Pattern[str]] = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        if self.port is None:
+            return self.pattern
+        if ":" in self.pattern:
+            return f"[{self.pattern}]:{self.port}"
+        return f"{self.pattern}:{self.port}"
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Sort key: more specific first. Exact names and single IPs beat globs and
+        CIDRs at the same level (SPEC §5); among globs, the one with more literal
+        characters wins; among CIDRs, the longer prefix; the bare '*' comes last."""
+        if self.kind in ("host", "ip"):
+            return (0, 0)
+        if self.kind == "cidr":
+            assert self.network is not None
+            return (1, -self.network.prefixlen)
+        if self.pattern == "*":
+            return (3, 0)
+        return (2, -len(self.pattern.replace("*", "")))
+
+
+def _parse_port(text: str, whole: str) -> int:
+    if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"bad port in target {whole!r}")
+    return int(text)
+
+
+def parse_host(text: str) -> Target:
+    """Parse a hostname, glob, IP or CIDR with no port."""
+    return _parse_address(text, text)
+
+
+def _parse_address(text: str, whole: str) -> Target:
+    if "/" in text:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"bad CIDR in target {whole!r}") from None
+        return Target("cidr", str(net), network=net)
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        net = ipaddress.ip_network(ip)
+        return Target("ip", str(ip), network=net)
+    name = text.lower()
+    if name.endswith(".") and name != ".":
+        name = name[:-1]
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"bad hostname in target {whole!r}")
+    if "*" not in name:
+        return Target("host", name)
+    # '*' matches any run of characters, dots included (SPEC §5).
+    regex = re.compile(".*".join(re.escape(part) for part in name.split("*")))
+    return Target("glob", name, _regex=regex)
+
+
+def parse_target(text: str) -> Target:
+    """Parse `<hostname|hostname glob|IP|CIDR>[:port]`; ValueError when malformed.
+
+    IPv6 takes a port only in brackets (`[2001:db8::1]:8080`); bare IPv6 has no port,
+    so `::1:80` is the address ::1:80, not port 80 of ::1.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"target must be a str, not {type(text).__name__}")
+    s = text.strip()
+    if not s or s != text or any(c.isspace() for c in s):
+        raise ValueError(f"bad target {text!r}")
+    port: Optional[int] = None
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"unclosed '[' in target {text!r}")
+        inner, rest = s[1:end], s[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"junk after ']' in target {text!r}")
+            port = _parse_port(rest[1:], text)
+        target = _parse_address(inner, text)
+        if target.kind not in ("ip", "cidr") or target.network is None or target.network.version != 6:
+            raise ValueError(f"only IPv6 goes in brackets: {text!r}")
+    elif s.count(":") == 1:
+        host, _, port_text = s.partition(":")
+        port = _parse_port(port_text, text)
+        target = _parse_address(host, text)
+    else:  # no colon, or a bare IPv6 address/CIDR
+        target = _parse_address(s, text)
+        if s.count(":") > 1 and target.kind not in ("ip", "cidr"):
+            raise ValueError(f"bad target {text!r}")
+    if port is None:
+        return target
+    return Target(target.kind, target.pattern, port, target.network, target._regex)
+
+
+def host_from_header(value: Optional[str]) -> Optional[str]:
+    """The host part of a Host header or SNI: lower-case, no port, no brackets, no
+    trailing dot. None when absent or unparsable (then only IP rules can match)."""
+    if not value:
+        return None
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            return None
+        v = v[1:end]
+    elif v.count(":") == 1:
+        v = v.partition(":")[0]
+    if v.endswith("."):
+        v = v[:-1]
+    return v or None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the proxy knows about one request or TLS connection.
+
+    `host`: from the Host header (HTTP) or SNI (HTTPS), normalized by
+    `host_from_header`, or None. `dst_ip`/`dst_port`: the original destination as the
+    kernel saw it (TPROXY). `scheme`: "https" for TLS connections (terminated or not).
+    """
+
+    host: Optional[str]
+    dst_ip: IPAddress
+    dst_port: int
+    scheme: Scheme = "http"
+
+    @classmethod
+    def make(cls, host: Optional[str], dst_ip: Union[str, IPAddress], dst_port: int,
+             scheme: Scheme = "http") -> Facts:
+        if scheme not in DEFAULT_PORTS:
+            raise ValueError(f"scheme must be http or https: {scheme!r}")
+        return cls(host_from_header(host), ipaddress.ip_address(dst_ip), int(dst_port), scheme)
+
+    @property
+    def host_ip(self) -> Optional[IPAddress]:
+        """The Host/SNI as an IP when it is an IP literal."""
+        if self.host is None:
+            return None
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    @property
+    def display_host(self) -> str:
+        return self.host or str(self.dst_ip)
+
+
+def match(target: Target, facts: Facts, default_port: Optional[int] = None) -> bool:
+    """Does `target` match? `default_port` is the port a port-less target stands for
+    (80/443 for interception routes); None means a port-less target matches any port."""
+    port = target.port if target.port is not None else default_port
+    if port is not None and port != facts.dst_port:
+        return False
+    if target.kind in ("ip", "cidr"):
+        # IP rules look at the destination the kernel saw; an IP literal in Host is an IP too.
+        assert target.network is not None
+        host_ip = facts.host_ip
+        return facts.dst_ip in target.network or (host_ip is not None and host_ip in target.network)
+    if target.pattern == "*":
+        return True  # "all": also connections without a Host/SNI or with an IP literal
+    if facts.host is None or facts.host_ip is not None:
+        return False  # name rules never match an IP literal
+    if target.kind == "host":
+        return facts.host == target.pattern
+    assert target._regex is not None
+    return target._regex.fullmatch(facts.host) is not None
+
+
+@dataclass(frozen=True)
+class Route:
+    """A handler registered for a target. `schemes`: where the registration applies
+    ({"http"} for intercept_outbound_http / outbound_by_host, {"https"} for
+    intercept_outbound_https). With `Policy.intercept_https` on, HTTP routes apply to
+    intercepted HTTPS too (at 443 when port-less)."""
+
+    target: Target
+    handler: object
+    schemes: frozenset[str] = frozenset({"http"})
+
+
+def _applies(route: Route, facts: Facts, intercept_https: bool) -> bool:
+    if facts.scheme in route.schemes:
+        return match(route.target, facts, DEFAULT_PORTS[facts.scheme])
+    if facts.scheme == "https" and intercept_https:
+        return match(route.target, facts, DEFAULT_PORTS["https"])
+    return False
+
+
+def _best(routes: tuple[Route, ...], facts: Facts, intercept_https: bool) -> Optional[Route]:
+    found = [r for r in routes if _applies(r, facts, intercept_https)]
+    if not found:
+        return None
+    # min() is stable: among equally specific routes the first registered wins.
+    return min(found, key=lambda r: r.target.rank)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A sandbox's outbound policy at one instant. Frozen: changing policy means
+    publishing a new Policy, which in-flight decisions never observe half-made."""
+
+    denied_hosts: tuple[Target, ...] = ()
+    allowed_hosts: Optional[tuple[Target, ...]] = None
+    routes: tuple[Route, ...] = ()            # instance per-host (set_outbound_by_host, intercept_*)
+    class_routes: tuple[Route, ...] = ()      # class outbound_by_host
+    catch_all: object = None                  # instance (set_outbound_handler, intercept_all_outbound_http)
+    class_catch_all: object = None            # class outbound
+    enable_internet: bool = True
+    intercept_https: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("denied_hosts", "allowed_hosts", "routes", "class_routes"):
+            value = getattr(self, name)
+            if value is None and name == "allowed_hosts":
+                continue
+            if not isinstance(value, tuple):
+                raise TypeError(f"Policy.{name} must be a tuple")
+            kind = Route if "routes" in name else Target
+            if not all(isinstance(v, kind) for v in value):
+                raise TypeError(f"Policy.{name} must hold {kind.__name__} objects")
+
+    @property
+    def https_routes(self) -> bool:
+        """Whether any registration can need TLS termination (so a CA is needed)."""
+        return self.intercept_https or any(
+            "https" in r.schemes for r in self.routes + self.class_routes
+        )
+
+
+DecisionKind = Literal["deny", "handler", "egress"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one request / TLS connection.
+
+    `rule`: for "deny", the rule named in the 403 body ("denied_hosts", "allowed_hosts",
+    "no internet"); otherwise the level that decided ("routes", "class_routes",
+    "catch_all", "class_catch_all", "allowed_hosts", "internet"), for logs.
+    `terminate_tls`: only meaningful for HTTPS — True when the proxy must terminate TLS
+    with the sandbox CA (a handler must see the request, or intercept_https is on so
+    that policy is decided per request); False means splice the bytes untouched.
+    """
+
+    kind: DecisionKind
+    rule: str
+    host: str
+    handler: object = None
+    terminate_tls: bool = False
+
+    @property
+    def deny_message(self) -> str:
+        return f"denied by {self.rule}: {self.host}"
+
+
+def decide(facts: Facts, policy: Policy) -> Decision:
+    """The precedence of SPEC §5, in order; the first step that applies decides."""
+    host = facts.display_host
+    https = facts.scheme == "https"
+    # 1. denied_hosts: always denied, whatever else matches.
+    if any(match(t, facts) for t in policy.denied_hosts):
+        return Decision("deny", "denied_hosts", host)
+    # 2. allowed_hosts (when set): deny by default. Handlers do not imply allowed.
+    allowed = policy.allowed_hosts is not None and any(match(t, facts) for t in policy.allowed_hosts)
+    if policy.allowed_hosts is not None and not allowed:
+        return Decision("deny", "allowed_hosts", host)
+    # 3. per-host handlers: instance, then class.
+    for rule, routes in (("routes", policy.routes), ("class_routes", policy.class_routes)):
+        route = _best(routes, facts, policy.intercept_https)
+        if route is not None:
+            return Decision("handler", rule, host, route.handler, terminate_tls=https)
+    # 4. catch-all handlers: instance, then class. They see HTTPS only when it is
+    #    intercepted (otherwise HTTPS passes through untouched, SPEC §5).
+    if not https or policy.intercept_https:
+        for rule, handler in (("catch_all", policy.catch_all), ("class_catch_all", policy.class_catch_all)):
+            if handler is not None:
+                return Decision("handler", rule, host, handler, terminate_tls=https)
+    # 5. egress to the real destination.
+    # With intercept_https on, even egress is terminated so that a handler registered
+    # later applies to the next request on this connection.
+    terminate = https and policy.intercept_https
+    if allowed:
+        return Decision("egress", "allowed_hosts", host, terminate_tls=terminate)
+    if policy.enable_internet:
+        return Decision("egress", "internet", host, terminate_tls=terminate)
+    return Decision("deny", "no internet", host)

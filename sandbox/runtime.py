@@ -1,0 +1,153 @@
+"""Runtime: one per process; owns what sandboxes share (SPEC §2)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import rootfs as _rootfs
+from ._native_api import INIT_PATH
+from .config import check_name
+from .errors import SandboxError
+from .log import get_logger
+from .sandbox import Sandbox
+
+log = get_logger("sandbox.runtime")
+
+
+@dataclass
+class Resources:
+    """Kernel objects one sandbox holds while it runs, released in reverse."""
+    netns_fd: int = -1
+    cgroup_fd: int = -1
+    procs_fds: tuple[int, ...] = ()
+    nameserver: str = "127.0.0.1"
+    closers: list = field(default_factory=list)
+
+
+class Runtime:
+    def __init__(self, state_dir: str = "/run/sandbox", resolver: str | None = None):
+        if not isinstance(state_dir, (str, os.PathLike)):
+            raise TypeError("state_dir must be a path")
+        self.state_dir = os.path.abspath(os.fspath(state_dir))
+        self.resolver = resolver
+        self.tag = secrets.token_hex(3)
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._init_fd = -1
+        self._devnull = -1
+        self._stdout_fd = 1
+        self._stderr_fd = 2
+        self._entered = False
+        self._counter = 0
+
+    # -- context -------------------------------------------------------
+    async def __aenter__(self) -> "Runtime":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._entered:
+            return
+        if os.geteuid() != 0:
+            raise SandboxError("the sandbox runtime must run as root")
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        # Empty mount points the sandbox child mounts over in its own private
+        # mount namespace: they never hold a host mount.
+        self._root_dir = os.path.join(self.state_dir, ".root")
+        self._scratch_dir = os.path.join(self.state_dir, ".scratch")
+        for d in (self._root_dir, self._scratch_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        try:
+            self._init_fd = os.open(INIT_PATH, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SandboxError(f"cannot open {INIT_PATH} ({e.strerror}); rebuild: pip install -e .") from e
+        self._devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self._entered = True
+
+    async def close(self) -> None:
+        first: BaseException | None = None
+        boxes = list(self._sandboxes.values())
+        results = await asyncio.gather(*(b.destroy() for b in boxes), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and first is None:
+                first = r
+        for fd in (self._devnull, self._init_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._devnull = self._init_fd = -1
+        self._entered = False
+        if first is not None:
+            raise first
+
+    # -- sandboxes -------------------------------------------------------
+    def sandbox(self, name: str | None = None, *, rootfs=None, memory=None, pids=None,
+                cpus=None) -> Sandbox:
+        if name is None:
+            while True:
+                self._counter += 1
+                name = f"sb-{self.tag}-{self._counter}"
+                if name not in self._sandboxes:
+                    break
+        check_name(name)
+        if name in self._sandboxes:
+            raise ValueError(f"sandbox name {name!r} is already in use")
+        root = _rootfs.check_rootfs(rootfs) if rootfs is not None else None
+        limits = self._limits(memory, pids, cpus)
+        if not self._entered:
+            raise SandboxError("the Runtime is not open: use `async with Runtime() as rt`")
+        box = Sandbox(self, name, rootfs=root, limits=limits)
+        self._sandboxes[name] = box
+        return box
+
+    def _limits(self, memory, pids, cpus) -> Any:
+        return (memory, pids, cpus)
+
+    def _forget(self, box: Sandbox) -> None:
+        if self._sandboxes.get(box.name) is box:
+            del self._sandboxes[box.name]
+
+    @property
+    def sandboxes(self) -> list[Sandbox]:
+        return list(self._sandboxes.values())
+
+    # -- resources (called by Sandbox) -------------------------------------
+    async def _acquire(self, box: Sandbox, enable_internet: bool) -> Resources:
+        return Resources()
+
+    async def _release(self, box: Sandbox, res: Resources) -> None:
+        first = None
+        for close in reversed(res.closers):
+            try:
+                r = close()
+                if asyncio.iscoroutine(r):
+                    await r
+            except Exception as e:  # keep going; report the first
+                log.warning("sandbox.release_failed", sandbox=box.name, error=str(e))
+                first = first or e
+        res.closers.clear()
+        if first is not None:
+            raise first
+
+    def _plan(self, box: Sandbox, res: Resources):
+        etc = _rootfs.EtcFiles(hostname=box.name[:64], nameserver=res.nameserver)
+        if box._rootfs is None:
+            return _rootfs.default_plan(self._root_dir, etc)
+        return _rootfs.dir_plan(self._root_dir, self._scratch_dir, box._rootfs, etc)
+
+    def _etc_users(self, rootfs: str | None) -> tuple[str, str]:
+        if rootfs is None:
+            files = _rootfs.EtcFiles("x", "x").files(default_users=True)
+            return files["passwd"], files["group"]
+        out = []
+        for name in ("passwd", "group"):
+            try:
+                with open(os.path.join(rootfs, "etc", name)) as f:
+                    out.append(f.read())
+            except OSError:
+                out.append("")
+        return out[0], out[1]

@@ -1,0 +1,309 @@
+"""Sandbox: one isolated Linux environment, the low-level API (SPEC §3)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal as _signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _native_api as native
+from .config import DEFAULT_PATH, check_cmd, check_env, check_exec, check_port, check_signal
+from .errors import ContainerError, ContainerExitError, ExecError, SandboxError, SandboxNotRunning
+from .log import get_logger
+from .pidfd import Pidfd, read_error_pipe
+from .process import ExecProcess, feed_stdin, open_reader, open_writer
+from .security import DEFAULT_CAP_MASK
+from .users import Identity, resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runtime import Runtime
+
+log = get_logger("sandbox")
+
+# A state table: which transitions each public operation may make.
+CREATED, RUNNING, STOPPED = "created", "running", "stopped"
+
+
+def _ns_pid(host_pid: int) -> int:
+    """The PID inside the sandbox, from the host's /proc (NSpid, last field)."""
+    try:
+        with open(f"/proc/{host_pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return 0
+
+
+class Sandbox:
+    def __init__(self, runtime: "Runtime", name: str, *, rootfs: str | None, limits: Any):
+        self._rt = runtime
+        self.name = name
+        self.id = secrets.token_hex(8)
+        self._rootfs = rootfs
+        self._limits = limits
+        self._state = CREATED
+        self._pidfd: Pidfd | None = None
+        self._pid = 0
+        self._env: dict[str, str] = {}
+        self._res = None                 # runtime-owned kernel resources (netns, cgroup)
+        self._outcome: asyncio.Future | None = None
+        self._destroy_msg: str | None = None
+        self._destroying = False
+        self._cleanup_task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self.enable_internet = True
+
+    # -- read-only facts ------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.name} id={self.id} {self._state} pid={self._pid}>"
+
+    def _outcome_future(self) -> asyncio.Future:
+        if self._outcome is None:
+            self._outcome = asyncio.get_running_loop().create_future()
+        return self._outcome
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self, env=None, entrypoint=None, enable_internet: bool = True, *,
+                    cwd: str | None = None, user: str | int | None = None,
+                    stdio: tuple[int, int, int] | None = None) -> None:
+        env = check_env(env)
+        entry = check_cmd(entrypoint, "entrypoint") if entrypoint is not None else None
+        if not isinstance(enable_internet, bool):
+            raise TypeError("enable_internet must be a bool")
+        if cwd is not None and (not isinstance(cwd, str) or "\0" in cwd):
+            raise ValueError("cwd must be a str without NUL")
+        async with self._lock:
+            if self._state == RUNNING:
+                raise SandboxError(f"sandbox {self.name} is already running")
+            if self._destroying:
+                raise SandboxError(f"sandbox {self.name} was destroyed")
+            if self._cleanup_task is not None:
+                await self._cleanup_task
+            t0 = time.perf_counter()
+            self._env = env
+            self.enable_internet = enable_internet
+            if self._outcome is None or self._outcome.done():
+                self._outcome = asyncio.get_running_loop().create_future()
+            self._res = await self._rt._acquire(self, enable_internet)
+            try:
+                await self._spawn(entry, cwd, user, stdio)
+            except BaseException:
+                res, self._res = self._res, None
+                await self._rt._release(self, res)
+                raise
+            self._state = RUNNING
+            log.debug("sandbox.start", sandbox=self.name, id=self.id, step="start", pid=self._pid,
+                      ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    async def _spawn(self, entry, cwd, user, stdio) -> None:
+        rt, res = self._rt, self._res
+        if entry is not None:
+            ident = resolve(user, *self._rt._etc_users(self._rootfs))
+            init_argv = ["sbx-init", "3", str(ident.uid), str(ident.gid), cwd or "/",
+                         self._path(self._env), str(len(ident.groups)),
+                         *map(str, ident.groups), "--", *entry]
+            init_env = self._envlist(ident, {})
+        else:
+            init_argv, init_env = ["sbx-init", "3", "-"], []
+        plan = rt._plan(self, res)
+        devnull = rt._devnull
+        stdio = stdio or (devnull, rt._stdout_fd, rt._stderr_fd)
+        pid, pidfd, errfd = native.start(
+            netns_fd=res.netns_fd, cgroup_fd=res.cgroup_fd, procs_fds=res.procs_fds,
+            hostname=self.name[:64], ops=plan, caps=DEFAULT_CAP_MASK, init_fd=rt._init_fd,
+            init_argv=init_argv, init_env=init_env, stdio=stdio)
+        watcher = Pidfd(pidfd)
+        try:
+            err = native.parse_error(await read_error_pipe(errfd))
+        except BaseException:
+            watcher.signal(_signal.SIGKILL)
+            await asyncio.shield(watcher.exited)
+            raise
+        if err is not None:
+            watcher.signal(_signal.SIGKILL)
+            await watcher.exited
+            raise err
+        self._pid = pid
+        self._pidfd = watcher
+        watcher.exited.add_done_callback(self._on_exit)
+
+    def _path(self, *envs: dict) -> str:
+        for e in reversed(envs):
+            if "PATH" in e:
+                return e["PATH"]
+        return self._env.get("PATH", DEFAULT_PATH)
+
+    def _envlist(self, ident: Identity, extra: dict) -> list[str]:
+        env = {"PATH": DEFAULT_PATH, "HOME": ident.home, "HOSTNAME": self.name[:64]}
+        env.update(self._env)
+        env.update(extra)
+        return [f"{k}={v}" for k, v in env.items()]
+
+    def _on_exit(self, fut: asyncio.Future) -> None:
+        code = fut.result() if not fut.cancelled() else 137
+        self._state = STOPPED
+        self._pidfd = None
+        outcome = self._outcome_future()
+        if not outcome.done():
+            outcome.set_result((code, self._destroying, self._destroy_msg))
+        log.debug("sandbox.exit", sandbox=self.name, step="exit", exit_code=code)
+        res, self._res = self._res, None
+        if res is not None:
+            self._cleanup_task = asyncio.ensure_future(self._rt._release(self, res))
+
+    async def destroy(self, error: str | None = None) -> None:
+        if error is not None and not isinstance(error, (str, BaseException)):
+            raise TypeError("error must be a str")
+        t0 = time.perf_counter()
+        if not self._destroying:
+            self._destroying = True
+            self._destroy_msg = str(error) if error is not None else None
+        pidfd = self._pidfd
+        if pidfd is not None:
+            pidfd.signal(_signal.SIGKILL)
+            await asyncio.shield(pidfd.exited)
+        if self._cleanup_task is not None:
+            await asyncio.shield(self._cleanup_task)
+        elif self._res is not None:  # never started fully
+            res, self._res = self._res, None
+            await self._rt._release(self, res)
+        if self._state == CREATED:
+            self._state = STOPPED
+            out = self._outcome_future()
+            if not out.done():
+                out.set_result((0, True, self._destroy_msg))
+        self._rt._forget(self)
+        log.debug("sandbox.destroy", sandbox=self.name, step="destroy",
+                  ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    async def monitor(self) -> None:
+        code, destroyed, msg = await asyncio.shield(self._outcome_future())
+        if destroyed:
+            if msg is not None:
+                raise ContainerError(msg)
+            return None
+        if code != 0:
+            raise ContainerExitError(code)
+        return None
+
+    def signal(self, signo: int) -> None:
+        check_signal(signo)
+        if self._pidfd is not None:
+            self._pidfd.signal(signo)
+
+    # -- exec --------------------------------------------------------------
+    async def exec(self, cmd, *, stdin=None, stdout="pipe", stderr="pipe", cwd=None, env=None,
+                   user=None) -> ExecProcess:
+        a = check_exec(cmd, stdin, stdout, stderr, cwd, env, user)
+        if self._state != RUNNING or self._pidfd is None:
+            raise SandboxNotRunning(f"sandbox {self.name} is not running")
+        ident = resolve(a.user, *self._etc_users_live())
+        proc = native.ProcSpec(argv=a.cmd, env=tuple(self._envlist(ident, a.env)),
+                               path=self._path(self._env, a.env), cwd=a.cwd or "/",
+                               uid=ident.uid, gid=ident.gid, groups=ident.groups)
+        devnull = self._rt._devnull
+        parent_fds: list[int] = []
+        child_fds: list[int] = []
+        try:
+            if a.stdin is None:
+                in_fd = devnull
+            else:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                in_fd, stdin_w = r, w
+                child_fds.append(r)
+                parent_fds.append(w)
+            if a.stdout == "pipe":
+                r, w = os.pipe2(os.O_CLOEXEC)
+                out_fd, stdout_r = w, r
+                child_fds.append(w)
+                parent_fds.append(r)
+            else:
+                out_fd = devnull
+            if a.stderr == "pipe":
+                r, w = os.pipe2(os.O_CLOEXEC)
+                err_fd, stderr_r = w, r
+                child_fds.append(w)
+                parent_fds.append(r)
+            elif a.stderr == "combined":
+                err_fd = out_fd
+            else:
+                err_fd = devnull
+            res = self._res
+            pid, pidfd, errfd = native.exec_(
+                ns_pidfd=self._pidfd.fd, cgroup_fd=res.cgroup_fd, procs_fds=res.procs_fds,
+                caps=DEFAULT_CAP_MASK, proc=proc, stdio=(in_fd, out_fd, err_fd))
+        except BaseException:
+            for fd in parent_fds:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        if pid == 0:
+            for fd in parent_fds:
+                os.close(fd)
+            err = native.parse_error(await read_error_pipe(errfd))
+            if err is not None and err.step == "setns" or self._state != RUNNING:
+                raise SandboxNotRunning(f"sandbox {self.name} is not running")
+            raise err or ExecError(0, "fork")
+        ns_pid = _ns_pid(pid)   # before yielding: the process cannot be reaped yet
+        watcher = Pidfd(pidfd)
+        try:
+            err = native.parse_error(await read_error_pipe(errfd))
+            if err is not None:
+                await watcher.exited
+                raise err
+            stdin_w_ = out_r = err_r = None
+            if a.stdin is not None:
+                parent_fds.remove(stdin_w)      # the transport owns it from here
+                stdin_w_ = await open_writer(stdin_w)
+            if a.stdout == "pipe":
+                parent_fds.remove(stdout_r)
+                out_r = await open_reader(stdout_r)
+            if a.stderr == "pipe":
+                parent_fds.remove(stderr_r)
+                err_r = await open_reader(stderr_r)
+        except BaseException:
+            for fd in parent_fds:
+                os.close(fd)
+            raise
+        feeder = None
+        if a.stdin is not None and a.stdin != "pipe":
+            feeder = asyncio.ensure_future(feed_stdin(stdin_w_, a.stdin))
+            stdin_w_ = None
+        log.debug("sandbox.exec", sandbox=self.name, step="exec", pid=ns_pid, host_pid=pid)
+        return ExecProcess(host_pid=pid, pid=ns_pid, pidfd=watcher, stdin=stdin_w_,
+                           stdout=out_r, stderr=err_r, feeder=feeder)
+
+    def _etc_users_live(self) -> tuple[str, str]:
+        root = f"/proc/{self._pid}/root/etc"
+        out = []
+        for name in ("passwd", "group"):
+            try:
+                with open(f"{root}/{name}") as f:
+                    out.append(f.read())
+            except OSError:
+                out.append("")
+        return out[0], out[1]
+
+    # -- ports ----------------------------------------------------------------
+    def get_tcp_port(self, port: int):
+        check_port(port)
+        from .ports import TcpPort
+        return TcpPort(self, port)
