@@ -3,6 +3,10 @@
 Everything here tolerates objects that are half-made or already gone: gc runs
 after crashes, so "not found" is success.  Which names to pass is the caller's
 business (its state files); these functions only know the kernel.
+
+Order: remove links before the namespaces they lead into.  Unmounting the
+last reference of a netns also deletes its veth pair, but asynchronously in
+a kernel worker, so the host-end name would stay taken for a while.
 """
 
 from __future__ import annotations

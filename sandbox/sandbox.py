@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 import signal as _signal
@@ -259,7 +260,10 @@ class Sandbox:
             for fd in parent_fds:
                 os.close(fd)
             err = native.parse_error(await read_error_pipe(errfd))
-            if err is not None and err.step == "setns" or self._state != RUNNING:
+            # Joining or forking into a PID namespace whose init is gone fails
+            # with ESRCH/ENOMEM: the sandbox stopped under us.
+            if self._state != RUNNING or (err is not None and err.step in ("setns", "fork")
+                                          and err.errno in (errno.ESRCH, errno.ENOMEM, errno.EINVAL)):
                 raise SandboxNotRunning(f"sandbox {self.name} is not running")
             raise err or ExecError(0, "fork")
         ns_pid = _ns_pid(pid)   # before yielding: the process cannot be reaped yet
