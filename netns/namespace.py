@@ -32,20 +32,38 @@ no mount is left once every namespace is gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
-import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from . import _sys
 from ._threads import run_in_thread
 
 T = TypeVar("T")
 
-# Serialises "make sure the directory is a mount" + "mount a namespace in it"
-# against "unmount the directory if empty" within this process, so a closing
-# namespace never unmounts the directory under one being created.
-_dir_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: str) -> Iterator[None]:
+    """Exclusive flock on the state dir (the parent of ``<state_dir>/netns``).
+
+    Serialises "make the directory a mount" + "mount a namespace in it"
+    against "unmount the directory if empty", across threads *and* processes
+    sharing the state dir: without it, two runtimes could both see "not a
+    mount point" and stack two bind mounts (iproute2 hit exactly this), or a
+    closing namespace could unmount the directory under one being created.
+    flock locks belong to the open file description, so separate opens in
+    two threads of one process exclude each other too; a dead holder's lock
+    is released by the kernel.
+    """
+    fd = os.open(os.path.dirname(directory), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 _NAME_MAX = 200
 
@@ -204,22 +222,30 @@ def _unlink(path: str) -> None:
 def _remove_pin(path: str) -> BaseException | None:
     """Unmount, unlink, release the dir mount; return the first error."""
     first: BaseException | None = None
-    with _dir_lock:
+    directory = os.path.dirname(path)
+    try:
+        lock = _dir_lock(directory)
+        lock.__enter__()
+    except FileNotFoundError:
+        return None  # no state dir: nothing was ever mounted there
+    try:
         for step, arg in (
             (_unmount_file, path),
             (_unlink, path),
-            (_release_dir_mount, os.path.dirname(path)),
+            (_release_dir_mount, directory),
         ):
             try:
                 step(arg)
             except BaseException as exc:  # keep going, report the first
                 first = first or exc
+    finally:
+        lock.__exit__(None, None, None)
     return first
 
 
 def _create_in_thread(directory: str, path: str) -> int:
     # Runs in its own thread: unshare moves only this thread, which then exits.
-    with _dir_lock:
+    with _dir_lock(directory):
         _ensure_dir_mount(directory)
         # O_EXCL: never stack a mount on a leftover from a dead runtime (gc
         # must remove it first) nor on another live namespace of that name.

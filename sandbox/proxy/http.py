@@ -226,10 +226,11 @@ class _Session:
             try:
                 event = await self._next_event(self.idle_timeout)
             except h11.RemoteProtocolError:
-                if self.conn.our_state is h11.SEND_RESPONSE:
-                    await self._write(h11.Response(status_code=400, headers=[("Connection", "close"),
-                                                                             ("Content-Length", "0")]))
-                    await self._write(h11.EndOfMessage())
+                if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    # h11 is in ERROR now and will not frame a response: write it raw.
+                    self.writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                                      b"Connection: close\r\n\r\n")
+                    await self.writer.drain()
                 return
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed (or junk): done
