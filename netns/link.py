@@ -42,10 +42,9 @@ from .namespace import NetNS
 INNER_IFNAME = "eth0"
 LOOPBACK_IFINDEX = 1  # the kernel's constant: lo is ifindex 1 in every netns
 
-
 # IFNAMSIZ is 16 including the NUL: at most 15 characters.  Stricter than the
-# kernel on purpose: interface names end up inside nft
-# command text and sysctl paths, so only plain characters are accepted.
+# kernel on purpose: interface names end up inside nft command text and
+# sysctl paths, so only plain characters are accepted.
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 

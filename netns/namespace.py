@@ -9,20 +9,23 @@ the sandbox child into it.
 
 Mount propagation of ``<state_dir>/netns``
 ------------------------------------------
-We do what iproute2 does for ``/run/netns``: make the directory a mount point
-(a bind mount of itself) and mark it ``MS_SHARED`` — a fresh peer group that
-contains only this directory, so nothing from the parent mount propagates in
-and our mounts do not spread into the rest of the parent's peer group.
+We do what iproute2 does for ``/run/netns`` (it uses MS_SHARED, not private):
+make the directory a mount point (a bind mount of itself) and mark it
+``MS_SHARED``.  On a host whose ``/`` is private (like this one) that is a new
+peer group of its own; on a systemd host, where the parent is already shared,
+the bind joins the parent's peer group.  Either way every copy of our mounts
+in another mount namespace is a peer or a slave of ours.
 
 Why shared and not private?  Every mount namespace created while a sandbox
 exists (each sandbox's own CLONE_NEWNS, but also any systemd service with
 PrivateTmp=, ``unshare -m``...) starts with a *copy* of our nsfs bind mounts.
 With a private mount those copies never learn about our ``umount`` and pin the
 network namespace (and its memory) until that other mount namespace dies — a
-leak we could neither see nor clean.  With a shared mount the copies are peers
-(or slaves, as systemd makes them) and our ``umount`` propagates to them.
-Sandboxes are not exposed by this: their child makes its mounts private first
-and then detaches the old root, so no copy survives inside a sandbox.
+leak we could neither see nor clean.  With a shared mount our ``umount``
+(of each nsfs file, and finally of the directory) propagates to the copies,
+so nothing of ours outlives its ``close()`` in any namespace.  Sandboxes gain
+nothing from seeing them: their child makes its mounts private first and then
+detaches the old root, so no copy survives inside a sandbox.
 
 The directory mount is refcounted by the kernel: after unmounting a namespace
 we try a *non-lazy* ``umount`` of the directory, which fails with EBUSY while
@@ -221,25 +224,23 @@ def _unlink(path: str) -> None:
 
 def _remove_pin(path: str) -> BaseException | None:
     """Unmount, unlink, release the dir mount; return the first error."""
-    first: BaseException | None = None
     directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return None  # nothing was ever mounted there
+    first: BaseException | None = None
     try:
-        lock = _dir_lock(directory)
-        lock.__enter__()
-    except FileNotFoundError:
-        return None  # no state dir: nothing was ever mounted there
-    try:
-        for step, arg in (
-            (_unmount_file, path),
-            (_unlink, path),
-            (_release_dir_mount, directory),
-        ):
-            try:
-                step(arg)
-            except BaseException as exc:  # keep going, report the first
-                first = first or exc
-    finally:
-        lock.__exit__(None, None, None)
+        with _dir_lock(directory):
+            for step, arg in (
+                (_unmount_file, path),
+                (_unlink, path),
+                (_release_dir_mount, directory),
+            ):
+                try:
+                    step(arg)
+                except BaseException as exc:  # keep going, report the first
+                    first = first or exc
+    except BaseException as exc:  # the lock itself failed
+        first = first or exc
     return first
 
 

@@ -22,11 +22,10 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ._threads import run_in_thread
-from .link import check_ifname
+from .link import LOOPBACK_IFINDEX, check_ifname
 from .nft import Nft, check_identifier
 
 TABLE_PREFIX = "sandbox_"
-LOOPBACK_IFINDEX = 1
 _RT_SCOPE_HOST = 254
 _MARK_BASE = 0x5B000000  # high byte constant, low 20 bits from the tag
 

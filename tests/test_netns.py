@@ -544,3 +544,27 @@ def test_gc_half_made(tmp_path):
     assert netns_gc.remove_rule(MARK, TABLE) is True
     netns_gc.remove_netns(tmp_path / "netns" / "half")
     assert not (tmp_path / "netns" / "half").exists()
+
+
+def test_blocking_api_works_inside_an_event_loop(tmp_path):
+    # pyroute2's sync API refuses to run in a thread with a running loop; ours
+    # moves that work to throwaway threads, so coroutines may call it directly.
+    import asyncio
+
+    async def main():
+        pool = AddressPool(SANDBOX_CIDR)
+        with HostNetwork(TAG, PREFIX, 1080, 1053) as host:
+            with NetNS.create(tmp_path, "loop") as ns, Veth.create(ns, PREFIX + "0", pool.allocate()) as veth:
+                host.set_internet(veth.host_ifname, True)
+                return ns.run_in(os.readlink, "/proc/thread-self/ns/net")
+
+    assert asyncio.run(main()).startswith("net:[")
+
+
+def test_netns_does_not_import_sandbox():
+    import subprocess
+    import sys
+
+    code = "import sys, netns; sys.exit(any(m == 'sandbox' or m.startswith('sandbox.') for m in sys.modules))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=20)

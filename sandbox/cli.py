@@ -1,0 +1,168 @@
+"""The `sandbox` binary (SPEC §7, §10 "CLI")."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import sys
+
+import click
+
+from .log import configure
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGWINCH)
+
+
+class Failure(Exception):
+    """A runtime failure reported as one line with an exit code."""
+
+    def __init__(self, msg: str, code: int = 125):
+        super().__init__(msg)
+        self.code = code
+
+
+def _env_pairs(values) -> dict[str, str]:
+    env = {}
+    for v in values:
+        if "=" not in v or v.startswith("="):
+            raise click.BadParameter(f"--env expects K=V, got {v!r}")
+        k, val = v.split("=", 1)
+        env[k] = val
+    return env
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", default="/run/sandbox", show_default=True, help="runtime state directory")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
+              help="log format (default: console on a TTY, JSON otherwise)")
+@click.option("--debug", is_flag=True, help="debug logs and tracebacks")
+@click.pass_context
+def cli(ctx, state_dir, log_format, debug):
+    """A low-level Linux sandbox runtime."""
+    ctx.obj = {"state_dir": state_dir, "debug": debug}
+    configure(log_format or "auto", debug=debug)
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--rootfs", type=click.Path(file_okay=False), help="root filesystem directory")
+@click.option("--env", "envs", multiple=True, metavar="K=V", help="environment variable")
+@click.option("--no-internet", is_flag=True, help="only HTTP(S) through the proxy and DNS")
+@click.option("--allow-host", multiple=True, help="allowed host (deny-by-default)")
+@click.option("--deny-host", multiple=True, help="denied host")
+@click.option("--memory", default=None, help="memory limit, e.g. 256M")
+@click.option("--pids", type=int, default=None, help="process limit")
+@click.option("--cpus", type=float, default=None, help="CPU limit, e.g. 0.5")
+@click.option("--name", default=None, help="sandbox name")
+@click.option("--cwd", default=None, help="working directory of CMD")
+@click.option("--user", default=None, help="user name or UID for CMD")
+@click.option("--resolver", default=None, help="DNS resolver ip[:port]")
+@click.option("-i", "--interactive", is_flag=True, help="forward stdin (always on; for docker habits)")
+@click.argument("cmd", nargs=-1, required=True)
+@click.pass_context
+def run(ctx, rootfs, envs, no_internet, allow_host, deny_host, memory, pids, cpus, name, cwd,
+        user, resolver, interactive, cmd):
+    """Run CMD as the entrypoint of one sandbox in the foreground."""
+    env = _env_pairs(envs)
+    user_v = int(user) if user is not None and user.isdigit() else user
+    code = asyncio.run(_run(ctx.obj, dict(
+        rootfs=rootfs, env=env, internet=not no_internet, allow=list(allow_host),
+        deny=list(deny_host), memory=memory, pids=pids, cpus=cpus, name=name, cwd=cwd,
+        user=user_v, resolver=resolver, cmd=list(cmd))))
+    sys.exit(code)
+
+
+async def _run(obj, o) -> int:
+    from . import ContainerExitError, ExecError, Runtime, SandboxError
+    loop = asyncio.get_running_loop()
+    try:
+        rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"])
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(str(e))
+    async with rt:
+        try:
+            box = rt.sandbox(o["name"], rootfs=o["rootfs"], memory=o["memory"], pids=o["pids"],
+                             cpus=o["cpus"])
+        except (TypeError, ValueError) as e:
+            raise click.UsageError(str(e))
+        _apply_hosts(box, o)
+        try:
+            await box.start(env=o["env"], entrypoint=o["cmd"], enable_internet=o["internet"],
+                            cwd=o["cwd"], user=o["user"], stdio=(0, 1, 2))
+        except ExecError as e:
+            if e.step == "execve" and e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise Failure(f"{o['cmd'][0]}: command not found", 127)
+            if e.step == "execve":
+                raise Failure(f"{o['cmd'][0]}: {e.strerror}", 126)
+            raise Failure(str(e))
+        except ValueError as e:
+            raise click.UsageError(str(e))
+        interrupts = 0
+
+        def forward(sig):
+            nonlocal interrupts
+            if sig == signal.SIGINT:
+                interrupts += 1
+                if interrupts > 1:   # a second Ctrl-C: stop waiting for a polite exit
+                    asyncio.ensure_future(box.destroy())
+                    return
+            box.signal(int(sig))
+
+        for s in FORWARDED:
+            loop.add_signal_handler(s, forward, s)
+        try:
+            await box.monitor()
+            return 0
+        except ContainerExitError as e:
+            return e.exit_code
+        except SandboxError as e:
+            raise Failure(str(e))
+        finally:
+            for s in FORWARDED:
+                loop.remove_signal_handler(s)
+
+
+def _apply_hosts(box, o) -> None:
+    if not (o["allow"] or o["deny"]):
+        return
+    setter = getattr(box, "_set_host_lists", None)
+    if setter is None:
+        raise Failure("--allow-host/--deny-host need the outbound proxy, which this build lacks")
+    setter(allowed=o["allow"] or None, denied=o["deny"])
+
+
+def main(argv=None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="sandbox", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except click.UsageError as e:
+        msg = e.format_message().replace("\n", " ")
+        print(f"sandbox: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as e:
+        print(f"sandbox: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except Failure as e:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"sandbox: {e}", file=sys.stderr)
+        sys.exit(e.code)
+    except SystemExit:
+        raise
+    except BaseException as e:  # a runtime failure: one line, no traceback
+        if debug:
+            import traceback
+            traceback.print_exc()
+        msg = str(e).replace("\n", " ") or type(e).__name__
+        print(f"sandbox: {type(e).__name__}: {msg}", file=sys.stderr)
+        sys.exit(125)
+
+
+if __name__ == "__main__":
+    main()
