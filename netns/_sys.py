@@ -1,4 +1,4 @@
-"""ctypes bindings to the few libc calls Python 3.11 lacks.
+"""ctypes bindings to the few libc calls Python 3.11 lacks, and errno plumbing.
 
 Python 3.11 has no ``os.setns``/``os.unshare`` (3.12 added them) and never had
 ``mount``/``umount2``.  Each wrapper checks the return value and raises
@@ -8,9 +8,13 @@ Python 3.11 has no ``os.setns``/``os.unshare`` (3.12 added them) and never had
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+from typing import Iterator
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 # Namespace flags (linux/sched.h).
 CLONE_NEWNET = 0x40000000
@@ -84,3 +88,17 @@ def mount(
 def umount2(target: str | os.PathLike, flags: int = 0) -> None:
     """umount2(2)."""
     _check(_libc.umount2(_b(target), flags), "umount2", os.fspath(target))
+
+
+@contextlib.contextmanager
+def netlink_errors(what: str) -> Iterator[None]:
+    """Turn pyroute2's ``NetlinkError`` (a plain Exception) into ``OSError``.
+
+    Callers then handle kernel failures one way, by errno, whether they came
+    from a syscall or from netlink (EEXIST for a taken interface name...).
+    """
+    try:
+        yield
+    except NetlinkError as exc:
+        code = exc.code or 0
+        raise OSError(code, f"{what}: {os.strerror(code) if code else exc}") from exc

@@ -16,6 +16,7 @@ import os
 from pyroute2 import IPRoute
 
 from . import link, nft
+from ._sys import netlink_errors
 from ._threads import run_in_thread
 from .namespace import NetNS, netns_dir
 from .rules import TABLE_PREFIX, delete_local_route, delete_rule
@@ -55,7 +56,8 @@ def remove_rule(mark: int, table: int) -> bool:
             rule = delete_rule(ipr, mark, table)
             return route or rule
 
-    return run_in_thread(work, name="netns-gc")
+    with netlink_errors(f"delete ip rule fwmark {mark:#x} table {table}"):
+        return run_in_thread(work, name="netns-gc")
 
 
 def list_links(prefix: str) -> list[str]:

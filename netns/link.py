@@ -16,9 +16,10 @@ How it is built (fastest of what we measured, all in-process netlink):
    netlink socket there (a socket's netns is fixed at creation) to configure
    sysctls, ``lo``, ``eth0`` and the route.
 
-Measured here (median of 30): about 6-7 ms for the whole pair, mostly
-pyroute2's Python; deleting a veth costs ~30 ms in the kernel (RCU grace
-periods), so callers should close off their hot path.
+Measured here (scripts/bench_netns_setup.py, median of 50): 7-9 ms for
+NetNS.create + Veth.create, mostly pyroute2's Python; deleting a veth costs
+~30 ms in the kernel (RCU grace periods), so callers should close off their
+hot path.
 
 pyroute2's ``NetNS``/``IPRoute(netns=...)`` forks a helper process per
 namespace (slow) and its ``pushns``/``popns`` are process-global (unsafe with
@@ -84,7 +85,8 @@ class Veth:
         check_ifname(host_ifname)
         if ns.closed:
             raise ValueError(f"{ns!r} is closed")
-        index = run_in_thread(_create, ns.fd, host_ifname, block, name="netns-veth")
+        with _sys.netlink_errors(f"create veth {host_ifname}"):
+            index = run_in_thread(_create, ns.fd, host_ifname, block, name="netns-veth")
         return cls(host_ifname, index, block)
 
     @property
@@ -107,7 +109,8 @@ class Veth:
     def close(self) -> None:
         index, self._index = self._index, 0
         if index:
-            run_in_thread(_delete_link, index, self._ifname, name="netns-veth-del")
+            with _sys.netlink_errors(f"delete veth {self._ifname}"):
+                run_in_thread(_delete_link, index, name="netns-veth-del")
 
     def __enter__(self) -> "Veth":
         return self
@@ -166,7 +169,7 @@ def _configure_inside(eth0: int, block: Block) -> None:
         ipr.route("add", dst="0.0.0.0/0", gateway=str(block.host), oif=eth0)
 
 
-def _delete_link(index: int, ifname: str) -> None:
+def _delete_link(index: int) -> None:
     with IPRoute() as ipr:
         try:
             ipr.link("del", index=index)
@@ -178,7 +181,8 @@ def _delete_link(index: int, ifname: str) -> None:
 def delete_link(ifname: str) -> bool:
     """Delete a link by name in the host netns; False if it did not exist."""
     check_ifname(ifname)
-    return run_in_thread(_delete_by_name, ifname, name="netns-link-del")
+    with _sys.netlink_errors(f"delete link {ifname}"):
+        return run_in_thread(_delete_by_name, ifname, name="netns-link-del")
 
 
 def _delete_by_name(ifname: str) -> bool:
@@ -197,7 +201,8 @@ def _delete_by_name(ifname: str) -> bool:
 
 def list_links(prefix: str) -> list[str]:
     """Names of host-netns links starting with ``prefix``."""
-    return run_in_thread(_list_links, prefix, name="netns-link-list")
+    with _sys.netlink_errors("list links"):
+        return run_in_thread(_list_links, prefix, name="netns-link-list")
 
 
 def _list_links(prefix: str) -> list[str]:

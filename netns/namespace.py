@@ -136,13 +136,12 @@ class NetNS:
     errors and raises the first one.
     """
 
-    __slots__ = ("_fd", "_path", "_name", "_dir", "__weakref__")
+    __slots__ = ("_fd", "_path", "_name", "__weakref__")
 
     def __init__(self, fd: int, path: str, name: str) -> None:
         self._fd = fd
         self._path = path
         self._name = name
-        self._dir = os.path.dirname(path)
 
     @classmethod
     def create(cls, state_dir: str | os.PathLike, name: str) -> "NetNS":

@@ -21,6 +21,7 @@ import zlib
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ._sys import netlink_errors
 from ._threads import run_in_thread
 from .link import LOOPBACK_IFINDEX, check_ifname
 from .nft import Nft, check_identifier
@@ -201,7 +202,8 @@ class HostNetwork:
         try:
             self._nft.run(self.ruleset())
             self._have_table = True
-            run_in_thread(self._add_routing, name="netns-rules")
+            with netlink_errors("add ip rule/route"):
+                run_in_thread(self._add_routing, name="netns-rules")
         except BaseException:
             try:
                 self.close()
@@ -226,7 +228,8 @@ class HostNetwork:
         first: BaseException | None = None
         if self._have_rule or self._have_route:
             try:
-                run_in_thread(self._del_routing, name="netns-rules")
+                with netlink_errors("delete ip rule/route"):
+                    run_in_thread(self._del_routing, name="netns-rules")
             except BaseException as exc:
                 first = first or exc
         nft, self._nft = self._nft, None

@@ -568,3 +568,28 @@ def test_netns_does_not_import_sandbox():
     code = "import sys, netns; sys.exit(any(m == 'sandbox' or m.startswith('sandbox.') for m in sys.modules))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=20)
+
+
+def test_errors_are_typed_and_roll_back(tmp_path):
+    pool = AddressPool(SANDBOX_CIDR)
+    with NetNS.create(tmp_path, "a") as a, NetNS.create(tmp_path, "b") as b:
+        with Veth.create(a, PREFIX + "0", pool.allocate()):
+            with pytest.raises(OSError) as info:
+                Veth.create(b, PREFIX + "0", pool.allocate())
+            assert info.value.errno == errno.EEXIST
+            assert _links() == [PREFIX + "0"]
+            # The failed attempt left nothing inside "b" either.
+            def names():
+                with IPRoute() as ipr:
+                    return [link.get("ifname") for link in ipr.link("dump")]
+
+            assert b.run_in(names) == ["lo"]
+
+    with HostNetwork(TAG, PREFIX, 1080, 1053) as host:
+        # A second runtime with the same tag must fail loudly, not take over.
+        with pytest.raises(NftError, match="File exists"):
+            HostNetwork(TAG, PREFIX, 1080, 1053).setup()
+        assert TABLE_NAME in _tables() and len(_our_rules()) == 1
+        with pytest.raises(ValueError):
+            host.set_internet("eth0", True)  # not one of ours
+    host.close()  # idempotent

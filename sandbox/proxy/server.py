@@ -1,0 +1,264 @@
+"""The one transparent listener for every sandbox's outbound TCP 80/443 (DESIGN §3).
+
+nft TPROXYs the sandboxes' connections here; an accepted socket's local address is the
+original destination. The peer's address says which sandbox it is. Before asyncio owns
+the socket we *peek* at the first bytes: TLS ClientHellos are decided by SNI and then
+terminated (sandbox CA) or spliced untouched, with the ClientHello still unread in the
+socket so either path sees the connection from its first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Optional, Protocol
+
+import structlog
+
+from .dns import SyntheticNames
+from .handlers import Context
+from .http import Connector, default_connector, serve_connection
+from .policy import Decision, Facts, Policy, decide
+from .tls import NEED_MORE, CertificateAuthority, parse_sni
+
+__all__ = ["ProxyServer", "SandboxView"]
+
+log = structlog.get_logger("sandbox.proxy")
+
+Address = tuple[str, int]
+PEEK_TIMEOUT = 10.0       # a sandbox that opens a connection and sends nothing
+HANDSHAKE_TIMEOUT = 10.0
+SPLICE_CHUNK = 64 * 1024
+
+
+class SandboxView(Protocol):
+    """What the proxy reads, per connection and per request, about one sandbox."""
+
+    sandbox_id: str
+    policy: Policy
+    ca: Optional[CertificateAuthority]
+
+
+def _default_original_dst(sock: socket.socket) -> Address:
+    host, port = sock.getsockname()[:2]
+    return host, port
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def peek_first_bytes(sock: socket.socket) -> bytes:
+    """The first bytes of the connection, left unread: a whole ClientHello for TLS.
+
+    SO_RCVLOWAT makes the socket readable only once the rest of the TLS record has
+    arrived (a post-quantum ClientHello spans two segments), so this never spins. The
+    result is partial TLS only when the peer closed (or stalled) mid-ClientHello.
+    """
+    loop = asyncio.get_running_loop()
+    want, seen = 1, -1
+    try:
+        while True:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            await _wait_readable(loop, sock)
+            data = sock.recv(65536, socket.MSG_PEEK)
+            if not data or data[0] != 0x16 or parse_sni(data) is not NEED_MORE:
+                return data  # EOF; not TLS (plain HTTP or junk h11 will refuse); or decided
+            if len(data) == seen:
+                return data  # readable without new bytes: EOF after a partial ClientHello
+            seen = len(data)
+            want = _bytes_to_next_record_boundary(data)
+    finally:
+        # Back to the default, or asyncio would never see short reads (alerts, small requests).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def _bytes_to_next_record_boundary(data: bytes) -> int:
+    """How many bytes must be queued to complete the current TLS record (or to read
+    the next record's header)."""
+    pos = 0
+    while pos + 5 <= len(data):
+        end = pos + 5 + int.from_bytes(data[pos + 3:pos + 5], "big")
+        if end > len(data):
+            return min(end, 65536)
+        pos = end
+    return min(pos + 5, 65536)
+
+
+async def _streams(sock: socket.socket, tls: Optional[ssl.SSLContext]
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2 ** 17)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, sock, ssl=tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(SPLICE_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()  # half-close: the other direction may still be talking
+    except (ConnectionError, OSError):
+        writer.close()
+
+
+class ProxyServer:
+    """Accepts intercepted connections and serves them by the sandbox's current policy.
+
+    `lookup(peer_ip)` returns the sandbox (a `SandboxView`) or None (connection
+    dropped). `names`: the DNS registry, so that a connection to a synthetic address
+    without Host/SNI is still matched by the name it was resolved from.
+    """
+
+    def __init__(self, lookup: Callable[[str], Optional[SandboxView]], *, names: Optional[SyntheticNames] = None,
+                 listen: Address = ("127.0.0.1", 0), transparent: bool = True,
+                 connect: Connector = default_connector,
+                 original_dst: Callable[[socket.socket], Address] = _default_original_dst) -> None:
+        if not callable(lookup):
+            raise TypeError("lookup must be callable")
+        self._lookup, self._names, self._listen = lookup, names, listen
+        self._transparent, self._connect, self._original_dst = transparent, connect, original_dst
+        self._sock: Optional[socket.socket] = None
+        self._accept_task: Optional[asyncio.Task[None]] = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.address: Optional[Address] = None
+
+    async def start(self) -> Address:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._transparent:
+                # TPROXY delivers packets addressed to foreign IPs; only a socket with
+                # IP_TRANSPARENT may accept them (needs CAP_NET_ADMIN).
+                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            sock.bind(self._listen)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.address = sock.getsockname()[:2]
+        self._accept_task = asyncio.create_task(self._accept_loop())
+        return self.address
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop accepting and end every open connection."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: log, keep serving
+                log.error("proxy.accept_error", error=repr(exc))
+                continue
+            task = asyncio.create_task(self._handle(conn, peer[0]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _decider(self, view: SandboxView, scheme: str) -> Callable[[Optional[str], Address], Decision]:
+        def decide_now(host: Optional[str], dst: Address) -> Decision:
+            if not host and self._names is not None:
+                host = self._names.name_for(dst[0])
+            # view.policy is read now, per request: policy changes apply at once.
+            return decide(Facts.make(host, dst[0], dst[1], scheme), view.policy)  # type: ignore[arg-type]
+        return decide_now
+
+    async def _handle(self, sock: socket.socket, peer_ip: str) -> None:
+        sock.setblocking(False)
+        try:
+            view = self._lookup(peer_ip)
+            if view is None:
+                log.warning("proxy.unknown_peer", peer=peer_ip)
+                return
+            dst = self._original_dst(sock)
+            async with asyncio.timeout(PEEK_TIMEOUT):
+                first = await peek_first_bytes(sock)
+            if not first:
+                return
+            tls = first[0] == 0x16
+            sni = parse_sni(first) if tls else None
+            if sni is NEED_MORE:
+                return  # the peer gave up in the middle of its ClientHello
+            ctx = Context(view.sandbox_id)
+            if not tls:
+                reader, writer = await _streams(sock, None)
+                sock = None  # type: ignore[assignment]  # the transport owns it now
+                await serve_connection(reader, writer, dst=dst, decide=self._decider(view, "http"),
+                                       ctx=ctx, connect=self._connect)
+                return
+            decide_tls = self._decider(view, "https")
+            decision = decide_tls(sni, dst)  # type: ignore[arg-type]
+            if decision.kind == "deny" or (decision.terminate_tls and view.ca is None):
+                # A denied HTTPS connection is closed after its ClientHello (SPEC §10).
+                log.info("proxy.decision", sandbox=view.sandbox_id, host=decision.host, rule=decision.rule,
+                         action="deny" if decision.kind == "deny" else "no_ca", status=None, bytes=0, ms=0)
+                return
+            if decision.terminate_tls:
+                assert view.ca is not None
+                server_name = sni or decision.host
+                reader, writer = await _streams(sock, view.ca.server_context(server_name))
+                sock = None  # type: ignore[assignment]
+                await serve_connection(reader, writer, dst=dst, decide=decide_tls, ctx=ctx,
+                                       connect=self._connect, scheme="https", server_name=server_name)
+                return
+            await self._splice(sock, dst, view, decision)
+            sock = None  # type: ignore[assignment]
+        except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
+            log.debug("proxy.connection_closed", peer=peer_ip, reason=repr(exc))
+        finally:
+            if sock is not None:
+                sock.close()
+
+    async def _splice(self, sock: socket.socket, dst: Address, view: SandboxView, decision: Decision) -> None:
+        """HTTPS passed through untouched: bytes both ways, ClientHello included."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await _streams(sock, None)
+        try:
+            up_reader, up_writer = await self._connect(dst, None)
+        except OSError:
+            writer.close()
+            raise
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+            for w in (writer, up_writer):
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+            log.info("proxy.decision", sandbox=view.sandbox_id, host=decision.host, rule=decision.rule,
+                     action="splice", status=None, bytes=None, ms=round((loop.time() - started) * 1000, 3))
