@@ -166,3 +166,7 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Subcommands living in their own modules register themselves on `cli`.
+from . import cli_gc  # noqa: E402,F401

@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import cgroups as _cgroups
 from . import rootfs as _rootfs
 from ._native_api import INIT_PATH
 from .config import check_name
@@ -24,6 +25,7 @@ class Resources:
     cgroup_fd: int = -1
     procs_fds: tuple[int, ...] = ()
     nameserver: str = "127.0.0.1"
+    cgroup: Any = None
     closers: list = field(default_factory=list)
 
 
@@ -67,6 +69,7 @@ class Runtime:
         except OSError as e:
             raise SandboxError(f"cannot open {INIT_PATH} ({e.strerror}); rebuild: pip install -e .") from e
         self._devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self._cgroup_backend = _cgroups.default_backend()
         self._entered = True
 
     async def close(self) -> None:
@@ -105,7 +108,7 @@ class Runtime:
         return box
 
     def _limits(self, memory, pids, cpus) -> Any:
-        return (memory, pids, cpus)
+        return _cgroups.Limits.from_args(memory=memory, pids=pids, cpus=cpus)
 
     def _forget(self, box: Sandbox) -> None:
         if self._sandboxes.get(box.name) is box:
@@ -117,7 +120,27 @@ class Runtime:
 
     # -- resources (called by Sandbox) -------------------------------------
     async def _acquire(self, box: Sandbox, enable_internet: bool) -> Resources:
-        return Resources()
+        res = Resources()
+        try:
+            self._acquire_cgroup(box, res)
+        except BaseException:
+            await self._release(box, res)
+            raise
+        return res
+
+    def _acquire_cgroup(self, box: Sandbox, res: Resources) -> None:
+        cg = _cgroups.create_cgroup(name=f"{self.tag}.{box.id}", limits=box._limits,
+                                    backend=self._cgroup_backend)
+        res.cgroup = cg
+        res.closers.append(cg.close)
+        # Processes join by writing "0" to cgroup.procs themselves (exec's
+        # intermediate; PID 1 on v1); on v2 PID 1 is born inside it instead
+        # (CLONE_INTO_CGROUP).
+        fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in cg.paths]
+        res.closers.append(lambda: [os.close(fd) for fd in fds])
+        res.procs_fds = tuple(fds)
+        if cg.dirfd is not None:
+            res.cgroup_fd = cg.dirfd
 
     async def _release(self, box: Sandbox, res: Resources) -> None:
         first = None

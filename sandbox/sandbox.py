@@ -57,6 +57,7 @@ class Sandbox:
         self._cleanup_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.enable_internet = True
+        self._oom = False
 
     # -- read-only facts ------------------------------------------------
     @property
@@ -99,6 +100,7 @@ class Sandbox:
             t0 = time.perf_counter()
             self._env = env
             self.enable_internet = enable_internet
+            self._oom = False
             if self._outcome is None or self._outcome.done():
                 self._outcome = asyncio.get_running_loop().create_future()
             self._res = await self._rt._acquire(self, enable_internet)
@@ -126,7 +128,8 @@ class Sandbox:
         devnull = rt._devnull
         stdio = stdio or (devnull, rt._stdout_fd, rt._stderr_fd)
         pid, pidfd, errfd = native.start(
-            netns_fd=res.netns_fd, cgroup_fd=res.cgroup_fd, procs_fds=res.procs_fds,
+            netns_fd=res.netns_fd, cgroup_fd=res.cgroup_fd,
+            procs_fds=() if res.cgroup_fd >= 0 else res.procs_fds,
             hostname=self.name[:64], ops=plan, caps=DEFAULT_CAP_MASK, init_fd=rt._init_fd,
             init_argv=init_argv, init_env=init_env, stdio=stdio)
         watcher = Pidfd(pidfd)
@@ -165,6 +168,11 @@ class Sandbox:
             outcome.set_result((code, self._destroying, self._destroy_msg))
         log.debug("sandbox.exit", sandbox=self.name, step="exit", exit_code=code)
         res, self._res = self._res, None
+        if code == 137 and res is not None and res.cgroup is not None:
+            try:
+                self._oom = res.cgroup.oom_killed()
+            except OSError:
+                pass
         if res is not None:
             self._cleanup_task = asyncio.ensure_future(self._rt._release(self, res))
 
@@ -200,6 +208,10 @@ class Sandbox:
                 raise ContainerError(msg)
             return None
         if code != 0:
+            if self._oom:
+                mem = self._limits.memory
+                raise ContainerExitError(code, f"container exited with code {code}: "
+                                               f"OOM-killed at its memory limit ({mem} bytes)")
             raise ContainerExitError(code)
         return None
 

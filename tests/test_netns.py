@@ -94,7 +94,7 @@ def _tables() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def leak_guard(tmp_path):
+def netns_leak_guard(tmp_path):
     """Fail the test if it leaves a link, table, rule, mount, thread or fd behind."""
     threads = set(threading.enumerate())
     fds = set(os.listdir("/proc/self/fd"))

@@ -1,0 +1,1 @@
+"""`sandbox gc` (placeholder until sandbox/gc.py lands)."""
