@@ -212,7 +212,8 @@ def detect(root: str = CGROUP_ROOT, mounts_file: str = "/proc/self/mounts") -> s
             return "v2"
     if set(REQUIRED) <= set(_v1_mounts(mounts_file)):
         return "v1"
-    raise CgroupError(errno.ENOTSUP, "no cgroup2 with memory+pids and no v1 memory+pids hierarchies", root)
+    raise CgroupError(errno.ENOTSUP,
+                      "no cgroup2 with memory+pids and no v1 memory+pids hierarchies", root)
 
 
 def default_backend() -> "V1Backend | V2Backend":
@@ -307,12 +308,14 @@ class Cgroup:
         kill_file = self._file("", "cgroup.kill") if self.backend.version == "v2" else None
         if kill_file and os.path.exists(kill_file):
             _write(kill_file, "1")
-        deadline = _now() + timeout
+        deadline = time.monotonic() + timeout
         while True:
             pids = self.pids()
             if not pids:
                 return True
             fds = [fd for fd in (self._pidfd_of_member(pid) for pid in pids) if fd is not None]
+            if not fds and time.monotonic() >= deadline:
+                return False  # members we cannot open (exiting, or fd limit): give up in time
             try:
                 for fd in fds:
                     try:
@@ -361,13 +364,12 @@ class Cgroup:
             except OSError as e:
                 first = first or e
         for d in self.paths:
-            _rmdir_parent(os.path.dirname(d))
+            try:
+                _rmdir_parent(os.path.dirname(d))
+            except OSError as e:
+                first = first or e
         if first is not None:
             raise first
-
-
-def _now() -> float:
-    return time.monotonic()
 
 
 def _wait_readable(fds: list[int], deadline: float) -> bool:
@@ -377,7 +379,7 @@ def _wait_readable(fds: list[int], deadline: float) -> bool:
         p.register(fd, select.POLLIN)
     pending = set(fds)
     while pending:
-        left = deadline - _now()
+        left = deadline - time.monotonic()
         if left <= 0:
             return False
         for fd, _ in p.poll(left * 1000):
@@ -489,7 +491,8 @@ class V1Backend:
         self.mounts = dict(mounts) if mounts is not None else _v1_mounts()
         missing = [c for c in REQUIRED if c not in self.mounts]
         if missing:
-            raise CgroupError(errno.ENOTSUP, f"v1 hierarchies missing: {', '.join(missing)}", CGROUP_ROOT)
+            raise CgroupError(errno.ENOTSUP, f"v1 hierarchies missing: {', '.join(missing)}",
+                              CGROUP_ROOT)
 
     def _dirs(self, parent: str, name: str) -> dict[str, str]:
         return {c: os.path.join(m, parent, name) for c, m in self.mounts.items()}
@@ -507,7 +510,8 @@ class V1Backend:
                 if path is not None and os.path.exists(path):
                     _write(path, value)
                 elif fname in ("memory.limit_in_bytes", "pids.max"):
-                    raise CgroupError(errno.ENOTSUP, f"{fname} missing", os.path.dirname(path or ""))
+                    raise CgroupError(errno.ENOTSUP, f"{fname} missing",
+                                      os.path.dirname(path or ""))
         except BaseException:
             # Only remove what we made: an EEXIST must not delete someone else's cgroup.
             cg.dirs = {c: d for c, d in dirs.items() if d in made}

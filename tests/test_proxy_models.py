@@ -1,6 +1,7 @@
 """Request / Response / Headers (SPEC §10 "Request and Response")."""
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -103,4 +104,24 @@ def test_response():
                 Response(status=bad)
         with pytest.raises(TypeError):
             Response(123)
+    run(main())
+
+
+def test_abandoned_stream_is_closed_at_once():
+    closed = []
+
+    async def source():
+        try:
+            for i in range(10):
+                yield b"x%d" % i
+        finally:
+            closed.append(True)
+
+    async def main():
+        r = Response(source())
+        async with contextlib.aclosing(r.body) as body:
+            async for chunk in body:
+                assert chunk == b"x0"
+                break
+        assert closed == [True]
     run(main())

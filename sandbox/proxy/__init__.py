@@ -10,11 +10,10 @@ from .handlers import Context, as_handler, call_handler
 from .http import serve_connection
 from .models import Headers, Request, Response
 from .policy import Decision, Facts, Policy, Route, Target, decide, parse_target
-from .server import ProxyServer, SandboxView
 from .tls import NEED_MORE, CertificateAuthority, parse_sni
 
 __all__ = [
     "fetch", "DNSForwarder", "SyntheticNames", "Context", "as_handler", "call_handler",
     "serve_connection", "Headers", "Request", "Response", "Decision", "Facts", "Policy",
-    "Route", "Target", "decide", "parse_target", "ProxyServer", "SandboxView", "NEED_MORE", "CertificateAuthority", "parse_sni",
+    "Route", "Target", "decide", "parse_target", "NEED_MORE", "CertificateAuthority", "parse_sni",
 ]

@@ -322,7 +322,10 @@ class DNSForwarder:
             writer.write(struct.pack("!H", len(data)) + data)
             await writer.drain()
             size = struct.unpack("!H", await reader.readexactly(2))[0]
-            return await reader.readexactly(size)
+            reply = await reader.readexactly(size)
+            if reply[:2] != data[:2]:
+                raise OSError("resolver answered another query ID")
+            return reply
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -123,9 +123,10 @@ class _Session:
                                                 for n, v in headers.raw_items()]))
         sent = 0
         if not no_body:
-            async for chunk in resp.body:
-                sent += len(chunk)
-                await self._write(h11.Data(data=chunk))
+            async with contextlib.aclosing(resp.body) as body:
+                async for chunk in body:
+                    sent += len(chunk)
+                    await self._write(h11.Data(data=chunk))
         await self._write(h11.EndOfMessage())
         return sent
 

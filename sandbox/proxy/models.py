@@ -7,6 +7,7 @@ convenience that buffers (and caches, so `read()` then `json()` works).
 
 from __future__ import annotations
 
+import inspect
 import json as _json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Union
@@ -183,14 +184,24 @@ class _Body:
         if self._started:
             raise TypeError("body stream already consumed")
         self._started = True
-        assert self._stream is not None
-        async for chunk in self._stream:
-            if isinstance(chunk, (bytearray, memoryview)):
-                chunk = bytes(chunk)
-            if not isinstance(chunk, bytes):
-                raise TypeError(f"body stream yielded {type(chunk).__name__}, not bytes")
-            if chunk:
-                yield chunk
+        stream = self._stream
+        assert stream is not None
+        try:
+            async for chunk in stream:
+                if isinstance(chunk, (bytearray, memoryview)):
+                    chunk = bytes(chunk)
+                if not isinstance(chunk, bytes):
+                    raise TypeError(f"body stream yielded {type(chunk).__name__}, not bytes")
+                if chunk:
+                    yield chunk
+        finally:
+            # Abandoned early (the peer went away): close the source now, not at GC,
+            # so an upstream connection behind it is released at once.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                result = aclose()
+                if inspect.isawaitable(result):
+                    await result
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()

@@ -83,6 +83,8 @@ def _parse_address(text: str, whole: str) -> Target:
         except ValueError:
             raise ValueError(f"bad CIDR in target {whole!r}") from None
         return Target("cidr", str(net), network=net)
+    if text.endswith(".") and text != ".":
+        text = text[:-1]  # "example.com." and "10.0.0.1." are the same as without the dot
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -91,8 +93,6 @@ def _parse_address(text: str, whole: str) -> Target:
         net = ipaddress.ip_network(ip)
         return Target("ip", str(ip), network=net)
     name = text.lower()
-    if name.endswith(".") and name != ".":
-        name = name[:-1]
     if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
         raise ValueError(f"bad hostname in target {whole!r}")
     if "*" not in name:

@@ -1,4 +1,4 @@
-"""The listener: plain HTTP, HTTPS splice / terminate / deny by SNI, on loopback.
+"""The listener (sandbox.proxy.listener): plain HTTP, HTTPS splice / terminate / deny by SNI, on loopback.
 
 Without TPROXY, `original_dst` is injected: every accepted connection "was going to"
 the fake upstream, as the kernel would report it.
@@ -16,7 +16,7 @@ from sandbox.proxy.client import ClientConnection, open_connection
 from sandbox.proxy.dns import SyntheticNames
 from sandbox.proxy.models import Request, Response
 from sandbox.proxy.policy import Policy, Route, parse_target
-from sandbox.proxy.server import ProxyServer, peek_first_bytes
+from sandbox.proxy.listener import ProxyServer, peek_first_bytes
 from sandbox.proxy.tls import CertificateAuthority
 
 pytestmark = pytest.mark.timeout(30)

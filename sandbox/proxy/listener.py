@@ -2,9 +2,12 @@
 
 nft TPROXYs the sandboxes' connections here; an accepted socket's local address is the
 original destination. The peer's address says which sandbox it is. Before asyncio owns
-the socket we *peek* at the first bytes: TLS ClientHellos are decided by SNI and then
-terminated (sandbox CA) or spliced untouched, with the ClientHello still unread in the
-socket so either path sees the connection from its first byte.
+the socket we *peek* (MSG_PEEK) at the first bytes: a TLS ClientHello is decided by SNI
+and then terminated (sandbox CA) or spliced untouched — with the ClientHello still
+unread in the socket, so the TLS layer or the upstream sees the connection from its
+first byte. (Reading the hello through a StreamReader and "putting it back" cannot work:
+`start_tls` reads the raw socket, not the reader's buffer.) TLS is recognised by its
+first byte, not by port, so HTTPS on 80 or HTTP on 443 are still policed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .http import Connector, default_connector, serve_connection
 from .policy import Decision, Facts, Policy, decide
 from .tls import NEED_MORE, CertificateAuthority, parse_sni
 
-__all__ = ["ProxyServer", "SandboxView"]
+__all__ = ["ProxyServer", "SandboxView", "peek_first_bytes"]
 
 log = structlog.get_logger("sandbox.proxy")
 
@@ -43,12 +46,12 @@ class SandboxView(Protocol):
 
 
 def _default_original_dst(sock: socket.socket) -> Address:
-    host, port = sock.getsockname()[:2]
+    host, port = sock.getsockname()[:2]  # TPROXY keeps the original destination here
     return host, port
 
 
 async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut = loop.create_future()
+    fut: asyncio.Future[None] = loop.create_future()
     loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
     try:
         await fut
@@ -103,9 +106,10 @@ async def _streams(sock: socket.socket, tls: Optional[ssl.SSLContext]
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: list[int]) -> None:
     try:
         while data := await reader.read(SPLICE_CHUNK):
+            counter[0] += len(data)
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
@@ -118,8 +122,9 @@ class ProxyServer:
     """Accepts intercepted connections and serves them by the sandbox's current policy.
 
     `lookup(peer_ip)` returns the sandbox (a `SandboxView`) or None (connection
-    dropped). `names`: the DNS registry, so that a connection to a synthetic address
-    without Host/SNI is still matched by the name it was resolved from.
+    dropped); `view.policy` is read again for every request. `names`: the DNS registry,
+    so that a connection to a synthetic address without Host/SNI is still matched by the
+    name it was resolved from. `transparent=False` and `original_dst` are for tests.
     """
 
     def __init__(self, lookup: Callable[[str], Optional[SandboxView]], *, names: Optional[SyntheticNames] = None,
@@ -162,11 +167,12 @@ class ProxyServer:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop accepting and end every open connection."""
+        """Stop accepting and end every open connection. Idempotent."""
         if self._accept_task is not None:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accept_task
+            self._accept_task = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -196,7 +202,8 @@ class ProxyServer:
             return decide(Facts.make(host, dst[0], dst[1], scheme), view.policy)  # type: ignore[arg-type]
         return decide_now
 
-    async def _handle(self, sock: socket.socket, peer_ip: str) -> None:
+    async def _handle(self, sock: Optional[socket.socket], peer_ip: str) -> None:
+        assert sock is not None
         sock.setblocking(False)
         try:
             view = self._lookup(peer_ip)
@@ -215,7 +222,7 @@ class ProxyServer:
             ctx = Context(view.sandbox_id)
             if not tls:
                 reader, writer = await _streams(sock, None)
-                sock = None  # type: ignore[assignment]  # the transport owns it now
+                sock = None  # the transport owns it now
                 await serve_connection(reader, writer, dst=dst, decide=self._decider(view, "http"),
                                        ctx=ctx, connect=self._connect)
                 return
@@ -230,12 +237,12 @@ class ProxyServer:
                 assert view.ca is not None
                 server_name = sni or decision.host
                 reader, writer = await _streams(sock, view.ca.server_context(server_name))
-                sock = None  # type: ignore[assignment]
+                sock = None
                 await serve_connection(reader, writer, dst=dst, decide=decide_tls, ctx=ctx,
                                        connect=self._connect, scheme="https", server_name=server_name)
                 return
-            await self._splice(sock, dst, view, decision)
-            sock = None  # type: ignore[assignment]
+            spliced, sock = sock, None
+            await self._splice(spliced, dst, view, decision)
         except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
             log.debug("proxy.connection_closed", peer=peer_ip, reason=repr(exc))
         finally:
@@ -252,8 +259,9 @@ class ProxyServer:
         except OSError:
             writer.close()
             raise
+        counter = [0]
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(_pipe(reader, up_writer, counter), _pipe(up_reader, writer, counter))
         finally:
             for w in (writer, up_writer):
                 w.close()
@@ -261,4 +269,5 @@ class ProxyServer:
                 with contextlib.suppress(Exception):
                     await w.wait_closed()
             log.info("proxy.decision", sandbox=view.sandbox_id, host=decision.host, rule=decision.rule,
-                     action="splice", status=None, bytes=None, ms=round((loop.time() - started) * 1000, 3))
+                     action="splice", status=None, bytes=counter[0],
+                     ms=round((loop.time() - started) * 1000, 3))
