@@ -170,3 +170,4 @@ if __name__ == "__main__":
 
 # Subcommands living in their own modules register themselves on `cli`.
 from . import cli_gc  # noqa: E402,F401
+from . import cli_serve  # noqa: E402,F401

@@ -13,7 +13,10 @@ from ._native_api import INIT_PATH
 from .config import check_name
 from .errors import SandboxError
 from .log import get_logger
+from .network import RuntimeNetwork
 from .sandbox import Sandbox
+from .state import RuntimeState
+from . import gc as _gc
 
 log = get_logger("sandbox.runtime")
 
@@ -26,6 +29,7 @@ class Resources:
     procs_fds: tuple[int, ...] = ()
     nameserver: str = "127.0.0.1"
     cgroup: Any = None
+    net: Any = None
     closers: list = field(default_factory=list)
 
 
@@ -35,7 +39,7 @@ class Runtime:
             raise TypeError("state_dir must be a path")
         self.state_dir = os.path.abspath(os.fspath(state_dir))
         self.resolver = resolver
-        self.tag = secrets.token_hex(3)
+        self.tag = "r" + secrets.token_hex(3)   # nft identifiers start with a letter
         self._sandboxes: dict[str, Sandbox] = {}
         self._init_fd = -1
         self._devnull = -1
@@ -60,6 +64,8 @@ class Runtime:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         # Empty mount points the sandbox child mounts over in its own private
         # mount namespace: they never hold a host mount.
+        self._state = None
+        self._net = None
         self._root_dir = os.path.join(self.state_dir, ".root")
         self._scratch_dir = os.path.join(self.state_dir, ".scratch")
         for d in (self._root_dir, self._scratch_dir):
@@ -70,6 +76,18 @@ class Runtime:
             raise SandboxError(f"cannot open {INIT_PATH} ({e.strerror}); rebuild: pip install -e .") from e
         self._devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self._cgroup_backend = _cgroups.default_backend()
+        self._parts: dict[str, set] = {}
+        try:
+            # Our own leftovers first: a runtime that died here before us.
+            await asyncio.to_thread(_gc.collect, [self.state_dir])
+            self._state = RuntimeState(self.state_dir, self.tag)
+            self._state.open(cgroup_prefix=f"{self.tag}.")
+            self._net = RuntimeNetwork(tag=self.tag, state_dir=self.state_dir,
+                                       resolver=self.resolver, state=self._state)
+            await self._net.open()
+        except BaseException:
+            await self._close_host()
+            raise
         self._entered = True
 
     async def close(self) -> None:
@@ -79,11 +97,30 @@ class Runtime:
         for r in results:
             if isinstance(r, BaseException) and first is None:
                 first = r
+        try:
+            await self._close_host()
+        except BaseException as e:
+            first = first or e
+        self._entered = False
+        if first is not None:
+            raise first
+
+    async def _close_host(self) -> None:
+        first = None
+        if self._net is not None:
+            net, self._net = self._net, None
+            try:
+                await net.close()
+            except BaseException as e:
+                first = e
+        if self._state is not None and first is None:
+            # Only when everything it lists is gone: otherwise gc finishes it.
+            self._state.close()
+        self._state = None
         for fd in (self._devnull, self._init_fd):
             if fd >= 0:
                 os.close(fd)
         self._devnull = self._init_fd = -1
-        self._entered = False
         if first is not None:
             raise first
 
@@ -122,11 +159,28 @@ class Runtime:
     async def _acquire(self, box: Sandbox, enable_internet: bool) -> Resources:
         res = Resources()
         try:
+            net = await self._net.attach(box, enable_internet)
+            self._parts[box.id] = {"net", "cgroup"}
+            res.closers.append(lambda: self._part_done(box.id, "cgroup"))
+            res.net = net
+            res.netns_fd = net.ns.fd
+            res.nameserver = net.gateway
+            res.closers.append(lambda: self._net.detach(box, net, lambda: self._part_done(box.id, "net")))
             self._acquire_cgroup(box, res)
         except BaseException:
             await self._release(box, res)
             raise
         return res
+
+    def _part_done(self, sid: str, part: str) -> None:
+        parts = self._parts.get(sid)
+        if parts is None:
+            return
+        parts.discard(part)
+        if not parts:
+            del self._parts[sid]
+            if self._state is not None:
+                self._state.remove_sandbox(sid)
 
     def _acquire_cgroup(self, box: Sandbox, res: Resources) -> None:
         cg = _cgroups.create_cgroup(name=f"{self.tag}.{box.id}", limits=box._limits,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import secrets
@@ -13,6 +14,7 @@ from . import _native_api as native
 from .config import DEFAULT_PATH, check_cmd, check_env, check_exec, check_port, check_signal
 from .errors import ContainerError, ContainerExitError, ExecError, SandboxError, SandboxNotRunning
 from .log import get_logger
+from .proxy.policy import Policy
 from .pidfd import Pidfd, read_error_pipe
 from .process import ExecProcess, feed_stdin, open_reader, open_writer
 from .security import DEFAULT_CAP_MASK
@@ -58,6 +60,10 @@ class Sandbox:
         self._lock = asyncio.Lock()
         self.enable_internet = True
         self._oom = False
+        # Read by the proxy for every request (SandboxView): publish a new
+        # frozen Policy to change behaviour; never mutate one.
+        self.policy = Policy()
+        self.ca = None
 
     # -- read-only facts ------------------------------------------------
     @property
@@ -71,6 +77,16 @@ class Sandbox:
     @property
     def pid(self) -> int:
         return self._pid
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.id
+
+    @property
+    def address(self) -> str | None:
+        """The sandbox's IPv4 address on its veth (None when not running)."""
+        res = self._res
+        return res.net.address if res is not None and res.net is not None else None
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.name} id={self.id} {self._state} pid={self._pid}>"
@@ -100,6 +116,7 @@ class Sandbox:
             t0 = time.perf_counter()
             self._env = env
             self.enable_internet = enable_internet
+            self.policy = dataclasses.replace(self.policy, enable_internet=enable_internet)
             self._oom = False
             if self._outcome is None or self._outcome.done():
                 self._outcome = asyncio.get_running_loop().create_future()
