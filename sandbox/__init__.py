@@ -2,8 +2,11 @@
 from .errors import (ContainerError, ContainerExitError, ExecError, SandboxError,
                      SandboxNotRunning)
 from .process import ExecOutput, ExecProcess
+from .ports import TcpPort
+from .proxy.client import fetch
+from .proxy.models import Request, Response
 from .runtime import Runtime
 from .sandbox import Sandbox
 
-__all__ = ["Runtime", "Sandbox", "ExecProcess", "ExecOutput", "SandboxError",
+__all__ = ["TcpPort", "Request", "Response", "fetch", "Runtime", "Sandbox", "ExecProcess", "ExecOutput", "SandboxError",
            "SandboxNotRunning", "ContainerError", "ContainerExitError", "ExecError"]

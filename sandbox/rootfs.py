@@ -105,7 +105,7 @@ def _kernel_views(root: str) -> list[MountOp]:
     return ops
 
 
-def default_plan(root: str, etc: EtcFiles) -> list[MountOp]:
+def default_plan(root: str, etc: EtcFiles, extra: list[tuple[str, bytes]] = ()) -> list[MountOp]:
     ops = [MountOp(OP_MOUNT, root, src="sandbox-root", fstype="tmpfs", flags=MS_NOSUID | MS_NODEV,
                    data="mode=0755,size=4m")]
     for top in HOST_TOP:
@@ -124,6 +124,7 @@ def default_plan(root: str, etc: EtcFiles) -> list[MountOp]:
         elif os.path.exists(host):
             ops += _bind_ro(host, f"{root}/etc/{name}", os.path.isdir(host))
     ops += _cert_dirs(root)
+    ops += [MountOp(OP_FILE, f"{root}/{rel}", data=data, mode=0o644) for rel, data in extra]
     ops += _kernel_views(root)
     for name, mode in WRITABLE:
         ops += [MountOp(OP_MKDIR, f"{root}/{name}", mode=mode),
@@ -149,7 +150,8 @@ def _cert_dirs(root: str) -> list[MountOp]:
     return ops
 
 
-def dir_plan(root: str, scratch: str, lower: str, etc: EtcFiles) -> list[MountOp]:
+def dir_plan(root: str, scratch: str, lower: str, etc: EtcFiles,
+             extra: list[tuple[str, bytes]] = ()) -> list[MountOp]:
     ops = [MountOp(OP_MOUNT, scratch, src="sandbox-upper", fstype="tmpfs", flags=MS_NOSUID | MS_NODEV,
                    data="mode=0755"),
            MountOp(OP_MKDIR, f"{scratch}/upper", mode=0o755),
@@ -160,6 +162,7 @@ def dir_plan(root: str, scratch: str, lower: str, etc: EtcFiles) -> list[MountOp
     for name, text in etc.files(default_users=False).items():
         ops.append(MountOp(OP_FILE, f"{root}/etc/{name}", data=text.encode(), mode=0o644))
     ops += _cert_dirs(root)
+    ops += [MountOp(OP_FILE, f"{root}/{rel}", data=data, mode=0o644) for rel, data in extra]
     ops += _kernel_views(root)
     ops.append(MountOp(OP_PIVOT, root))
     return ops

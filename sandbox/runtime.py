@@ -212,9 +212,14 @@ class Runtime:
 
     def _plan(self, box: Sandbox, res: Resources):
         etc = _rootfs.EtcFiles(hostname=box.name[:64], nameserver=res.nameserver)
+        extra = box._ca_files()   # the CA is inside before the entrypoint starts
         if box._rootfs is None:
-            return _rootfs.default_plan(self._root_dir, etc)
-        return _rootfs.dir_plan(self._root_dir, self._scratch_dir, box._rootfs, etc)
+            return _rootfs.default_plan(self._root_dir, etc, extra)
+        return _rootfs.dir_plan(self._root_dir, self._scratch_dir, box._rootfs, etc, extra)
+
+    @property
+    def _names(self):
+        return self._net.names if self._net is not None else None
 
     def _etc_users(self, rootfs: str | None) -> tuple[str, str]:
         if rootfs is None:

@@ -14,6 +14,7 @@ from . import _native_api as native
 from .config import DEFAULT_PATH, check_cmd, check_env, check_exec, check_port, check_signal
 from .errors import ContainerError, ContainerExitError, ExecError, SandboxError, SandboxNotRunning
 from .log import get_logger
+from .outbound import OutboundMixin
 from .proxy.policy import Policy
 from .pidfd import Pidfd, read_error_pipe
 from .process import ExecProcess, feed_stdin, open_reader, open_writer
@@ -41,7 +42,7 @@ def _ns_pid(host_pid: int) -> int:
     return 0
 
 
-class Sandbox:
+class Sandbox(OutboundMixin):
     def __init__(self, runtime: "Runtime", name: str, *, rootfs: str | None, limits: Any):
         self._rt = runtime
         self.name = name
@@ -116,7 +117,7 @@ class Sandbox:
             t0 = time.perf_counter()
             self._env = env
             self.enable_internet = enable_internet
-            self.policy = dataclasses.replace(self.policy, enable_internet=enable_internet)
+            self._publish(enable_internet=enable_internet)
             self._oom = False
             if self._outcome is None or self._outcome.done():
                 self._outcome = asyncio.get_running_loop().create_future()

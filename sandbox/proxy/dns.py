@@ -22,13 +22,13 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
-import structlog
+from ..log import get_logger
 
 from .policy import Target, parse_target
 
 __all__ = ["SyntheticNames", "DNSForwarder", "parse_resolver", "SYNTHETIC_NETWORK"]
 
-log = structlog.get_logger("sandbox.proxy.dns")
+log = get_logger("sandbox.proxy.dns")
 
 SYNTHETIC_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")
 SYNTHETIC_TTL = 60

@@ -15,7 +15,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 import h11
-import structlog
+from ..log import get_logger
 
 from .client import READ_SIZE, ClientConnection, UpstreamError, open_connection, strip_hop_by_hop
 from .handlers import Context, call_handler
@@ -24,7 +24,7 @@ from .policy import Decision
 
 __all__ = ["serve_connection", "Connector", "DecideFn", "default_connector"]
 
-log = structlog.get_logger("sandbox.proxy")
+log = get_logger("sandbox.proxy")
 
 Address = tuple[str, int]
 DecideFn = Callable[[Optional[str], Address], Decision]

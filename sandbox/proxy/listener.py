@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Callable
 from typing import Optional, Protocol
 
-import structlog
+from ..log import get_logger
 
 from .dns import SyntheticNames
 from .handlers import Context
@@ -29,7 +29,7 @@ from .tls import NEED_MORE, CertificateAuthority, parse_sni
 
 __all__ = ["ProxyServer", "SandboxView", "peek_first_bytes"]
 
-log = structlog.get_logger("sandbox.proxy")
+log = get_logger("sandbox.proxy")
 
 Address = tuple[str, int]
 PEEK_TIMEOUT = 10.0       # a sandbox that opens a connection and sends nothing
