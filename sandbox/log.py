@@ -35,3 +35,30 @@ def configure(fmt: str = "console", debug: bool = False, stream=None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.events: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, dict):
+            self.events.append(dict(record.msg))
+
+
+class capture_logs:
+    """`with capture_logs() as events:` every event dict logged under "sandbox"
+    meanwhile (for tests; the counterpart of structlog.testing.capture_logs)."""
+
+    def __enter__(self) -> list[dict]:
+        self._logger = logging.getLogger("sandbox")
+        self._handler = _Capture()
+        self._level = self._logger.level
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.DEBUG)
+        return self._handler.events
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 import pytest
-from structlog.testing import capture_logs
+from sandbox.log import capture_logs
 
 from sandbox.proxy.client import ClientConnection, fetch, open_connection
 from sandbox.proxy.handlers import Context, UrlHandler, as_handler, call_handler
