@@ -13,6 +13,8 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -89,35 +91,75 @@ static void child(const struct sbx_start *s, int errfd)
     fail(errfd, SBX_STEP_INIT, -errno, -1, "sbx-init");
 }
 
+struct vfork_arg {
+    const struct sbx_start *s;
+    int errfd;
+};
+
+static int vfork_child(void *p)
+{
+    struct vfork_arg *a = p;
+    child(a->s, a->errfd);
+    return 1;
+}
+
+#define STACK_SIZE (256 * 1024)
+
+/* Without a cgroup v2 fd, PID 1 is cloned vfork-style (CLONE_VM |
+ * CLONE_VFORK, as posix_spawn): copying the page tables of a large Python
+ * process was the largest single cost of a start. We are suspended until the
+ * child execs sbx-init (or fails), which is also when the plan's memory may
+ * be freed. Signals are blocked across the clone so no runtime handler can
+ * run on the shared memory; sbx-init keeps them blocked. With a v2 cgroup fd
+ * we need clone3(CLONE_INTO_CGROUP), which glibc cannot run on a new stack:
+ * that path forks. */
 int sbx_start(const struct sbx_start *s, int *pidfd_out, int *errfd_out)
 {
     int ep[2];
     if (pipe2(ep, O_CLOEXEC) < 0)
         return -errno;
-
-    struct clone_args args;
-    memset(&args, 0, sizeof args);
-    int pidfd = -1;
-    args.flags = CLONE_PIDFD | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
+    unsigned long ns = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
     if (s->netns_fd < 0)
-        args.flags |= CLONE_NEWNET;
-    if (s->cgroup_fd >= 0) {
-        args.flags |= CLONE_INTO_CGROUP;
+        ns |= CLONE_NEWNET;
+    int pidfd = -1;
+    long pid;
+    if (s->cgroup_fd < 0) {
+        char *stack = mmap(NULL, STACK_SIZE, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED) {
+            int e = errno;
+            close(ep[0]);
+            close(ep[1]);
+            return -e;
+        }
+        struct vfork_arg a = {s, ep[1]};
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        pid = clone(vfork_child, stack + STACK_SIZE,
+                    (int)(ns | CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD), &a, &pidfd);
+        int e = errno;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        munmap(stack, STACK_SIZE);
+        errno = e;
+    } else {
+        struct clone_args args;
+        memset(&args, 0, sizeof args);
+        args.flags = ns | CLONE_PIDFD | CLONE_INTO_CGROUP;
         args.cgroup = (uint64_t)s->cgroup_fd;
+        args.pidfd = (uint64_t)(uintptr_t)&pidfd;
+        args.exit_signal = SIGCHLD;
+        pid = syscall(SYS_clone3, &args, sizeof args);
+        if (pid == 0) {
+            close(ep[0]);
+            child(s, ep[1]);
+        }
     }
-    args.pidfd = (uint64_t)(uintptr_t)&pidfd;
-    args.exit_signal = SIGCHLD;
-
-    long pid = syscall(SYS_clone3, &args, sizeof args);
     if (pid < 0) {
         int e = errno;
         close(ep[0]);
         close(ep[1]);
         return -e;
-    }
-    if (pid == 0) {
-        close(ep[0]);
-        child(s, ep[1]);
     }
     close(ep[1]);
     *pidfd_out = pidfd;

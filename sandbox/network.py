@@ -18,6 +18,9 @@ from .proxy.listener import ProxyServer
 
 log = get_logger("sandbox.network")
 DEFAULT_POOL = "10.213.0.0/16"
+# Namespaces kept ready: making a netns + veth costs ~7 ms of kernel time, so
+# start() takes a ready one and a replacement is made in the background.
+WARM = 2
 
 
 def host_resolver() -> str:
@@ -39,6 +42,7 @@ class SandboxNet:
     veth: Any
     block: Any
     ifname: str
+    sid: str          # its key in the runtime's state record
 
     @property
     def address(self) -> str:
@@ -64,6 +68,9 @@ class RuntimeNetwork:
         self.host: Optional[netns.HostNetwork] = None
         self.dns: Optional[DNSForwarder] = None
         self.proxy: Optional[ProxyServer] = None
+        self._ready: list[SandboxNet] = []
+        self._filling: set[asyncio.Task] = set()
+        self.warm = WARM
 
     async def open(self) -> None:
         # Validate the resolver before anything exists.
@@ -77,12 +84,19 @@ class RuntimeNetwork:
                                     prefix=self.prefix, proxy_port=proxy_port, dns_port=dns_port)
             await asyncio.to_thread(host.setup)
             self.host = host
+            self._refill()
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         first = None
+        for t in list(self._filling):
+            await asyncio.gather(t, return_exceptions=True)
+        for net in self._ready:
+            self._pending.add(asyncio.ensure_future(
+                self._teardown(net.sid, net, lambda sid=net.sid: self._state.remove_sandbox(sid))))
+        self._ready.clear()
         if self._pending:
             for r in await asyncio.gather(*list(self._pending), return_exceptions=True):
                 if isinstance(r, BaseException) and first is None:
@@ -111,30 +125,56 @@ class RuntimeNetwork:
             await asyncio.to_thread(h.close)
 
     # -- per sandbox --------------------------------------------------------
-    async def attach(self, box, enable_internet: bool) -> SandboxNet:
-        t0 = time.perf_counter()
+    async def _make(self) -> SandboxNet:
         self._index += 1
+        sid = f"n{self._index}"
         ifname = f"{self.prefix}{self._index}"
         block = self._pool.allocate()
-        path = netns.namespace.netns_dir(self.state_dir) + f"/{box.id}"
+        path = netns.namespace.netns_dir(self.state_dir) + f"/{sid}"
         # Recorded before any of them exists: a crash from here on is collectable.
-        self._state.add_sandbox(box.id, netns=path, veth=ifname, block=str(block.network),
-                                cgroup=f"{self.tag}.{box.id}", name=box.name)
+        self._state.add_sandbox(sid, netns=path, veth=ifname, block=str(block.network))
         ns = veth = None
         try:
-            ns = await asyncio.to_thread(netns.NetNS.create, self.state_dir, box.id)
+            ns = await asyncio.to_thread(netns.NetNS.create, self.state_dir, sid)
             veth = await asyncio.to_thread(netns.Veth.create, ns, ifname, block)
-            self.host.set_internet(ifname, enable_internet)
         except BaseException:
             if veth is not None:
                 veth.close()
             if ns is not None:
                 ns.close()
             self._pool.release(block)
-            self._state.remove_sandbox(box.id)
+            self._state.remove_sandbox(sid)
             raise
-        net = SandboxNet(ns, veth, block, ifname)
+        return SandboxNet(ns, veth, block, ifname, sid)
+
+    def _refill(self) -> None:
+        if self.host is None:
+            return
+        while len(self._ready) + len(self._filling) < self.warm:
+            task = asyncio.ensure_future(self._make())
+            self._filling.add(task)
+            task.add_done_callback(self._filled)
+
+    def _filled(self, task: asyncio.Task) -> None:
+        self._filling.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.warning("network.prepare_failed", error=str(task.exception()))
+            return
+        self._ready.append(task.result())
+
+    async def attach(self, box, enable_internet: bool) -> SandboxNet:
+        t0 = time.perf_counter()
+        net = self._ready.pop() if self._ready else await self._make()
+        try:
+            self._state.update_sandbox(net.sid, cgroup=f"{self.tag}.{box.id}", name=box.name)
+            if enable_internet:   # a fresh veth is never in the set: skip the nft call
+                self.host.set_internet(net.ifname, True)
+        except BaseException:
+            self.detach(box, net, lambda: self._state.remove_sandbox(net.sid))
+            raise
         self._by_ip[net.address] = box
+        self._refill()
         log.debug("network.attach", sandbox=box.name, step="network", address=net.address,
                   ms=round((time.perf_counter() - t0) * 1000, 2))
         return net
@@ -147,7 +187,7 @@ class RuntimeNetwork:
         and netns go in the background."""
         self._by_ip.pop(net.address, None)
         try:
-            if self.host is not None:
+            if self.host is not None and box.enable_internet:
                 self.host.set_internet(net.ifname, False)
         finally:
             task = asyncio.ensure_future(self._teardown(box.id, net, done))

@@ -160,12 +160,12 @@ class Runtime:
         res = Resources()
         try:
             net = await self._net.attach(box, enable_internet)
-            self._parts[box.id] = {"net", "cgroup"}
-            res.closers.append(lambda: self._part_done(box.id, "cgroup"))
+            self._parts[net.sid] = {"net", "cgroup"}
+            res.closers.append(lambda: self._part_done(net.sid, "cgroup"))
             res.net = net
             res.netns_fd = net.ns.fd
             res.nameserver = net.gateway
-            res.closers.append(lambda: self._net.detach(box, net, lambda: self._part_done(box.id, "net")))
+            res.closers.append(lambda: self._net.detach(box, net, lambda: self._part_done(net.sid, "net")))
             self._acquire_cgroup(box, res)
         except BaseException:
             await self._release(box, res)

@@ -54,6 +54,10 @@ class HttpError(Exception):
         self.extra = extra
 
 
+class BadArgument(Exception):
+    """A bad `serve` argument (the CLI reports it as a usage error)."""
+
+
 class ServerBusy(Exception):
     """Another live server already listens on the socket."""
 
@@ -175,11 +179,10 @@ def _only(obj: dict, allowed: tuple[str, ...], what: str) -> None:
                              f"known: {', '.join(allowed)}")
 
 
-def _opt(obj: dict, key: str, types, what: str | None = None):
+def _opt(obj: dict, key: str, types, what: str):
     v = obj.get(key)
-    if v is not None and not isinstance(v, types) or isinstance(v, bool) and bool not in (
-            types if isinstance(types, tuple) else (types,)):
-        raise TypeError(f"{key} must be {what or getattr(types, '__name__', types)}")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+        raise TypeError(f"{key} must be {what}")
     return v
 
 
@@ -408,7 +411,6 @@ class Server:
                     ev = await conn.next_event()
                 except h11.RemoteProtocolError as e:
                     if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        req = None
                         body = (json.dumps({"error": f"bad HTTP request: {e}"}) + "\n").encode()
                         try:
                             await conn.send(h11.Response(
@@ -546,17 +548,17 @@ class Server:
         o = await req.json()
         _only(o, CREATE_FIELDS, "POST /sandboxes")
         for k in ("name", "rootfs"):
-            _opt(o, k, str)
+            _opt(o, k, str, "a string")
         start = o.get("start", True)
         if not isinstance(start, bool):
             raise TypeError("start must be a bool")
-        allowed, denied = _host_list(o, "allowed_hosts"), _host_list(o, "denied_hosts")
+        _host_list(o, "allowed_hosts"), _host_list(o, "denied_hosts")
         box = self.rt.sandbox(o.get("name"), rootfs=o.get("rootfs"), memory=o.get("memory"),
                               pids=o.get("pids"), cpus=o.get("cpus"))
         try:
-            if allowed is not None or denied:
-                await self._apply_policy(box, {"allowed_hosts": allowed,
-                                               "denied_hosts": denied or []})
+            hosts = {k: o[k] for k in ("allowed_hosts", "denied_hosts") if o.get(k) is not None}
+            if hosts:
+                await self._apply_policy(box, hosts)
             if start:
                 kw = {k: o[k] for k in START_FIELDS if k in o}
                 await box.start(**kw)
@@ -767,7 +769,10 @@ async def serve(state_dir: str, socket_path: str, resolver: str | None = None,
     from .runtime import Runtime
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    rt = Runtime(state_dir=state_dir, resolver=resolver)
+    try:
+        rt = Runtime(state_dir=state_dir, resolver=resolver)
+    except (TypeError, ValueError) as e:
+        raise BadArgument(str(e)) from None
     async with rt:
         server = Server(rt, socket_path)
         await server.start()
