@@ -208,6 +208,10 @@ def _send_stdin_chunked(sock: socket.socket) -> None:
 @click.argument("cmd", nargs=-1, required=True)
 def exec_command(socket_path, interactive, envs, cwd, user, name, cmd):
     """Run CMD in the running sandbox NAME; exits with CMD's exit code."""
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise click.UsageError("exec needs a command: sandbox exec NAME -- CMD...")
     env = _env_pairs(envs)
     client = Client(socket_path)
     conn = client.connection()

@@ -33,6 +33,7 @@ import socket
 import stat
 import time
 import urllib.parse
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -45,6 +46,13 @@ log = get_logger("sandbox.server")
 MAX_JSON = 1 << 20          # a JSON request body larger than this: 413
 READ_SIZE = 64 * 1024
 SERVER_NAME = b"sandbox"
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 class HttpError(Exception):
@@ -161,7 +169,8 @@ class Request:
             headers.append((b"content-length", str(length).encode()))
         headers += extra or []
         self.started = True
-        await self.conn.send(h11.Response(status_code=status, headers=headers))
+        await self.conn.send(h11.Response(status_code=status, headers=headers,
+                                          reason=_reason(status)))
 
     async def reply(self, status: int, obj: Any, extra: list | None = None) -> None:
         body = (json.dumps(obj) + "\n").encode()
@@ -415,6 +424,7 @@ class Server:
                         try:
                             await conn.send(h11.Response(
                                 status_code=e.error_status_hint,
+                                reason=_reason(e.error_status_hint),
                                 headers=[(b"content-type", b"application/json"),
                                          (b"content-length", str(len(body)).encode()),
                                          (b"connection", b"close")]))
@@ -465,6 +475,7 @@ class Server:
             if req.started:
                 req.conn.closed = True      # cannot report it now: cut the response
             else:
+                await self._discard_body(req.conn)
                 extra = []
                 if isinstance(e, HttpError) and status == 405:
                     extra = [(b"allow", e.extra.pop("allow").encode())]
@@ -475,6 +486,18 @@ class Server:
                     req.conn.closed = True
         log.debug("server.request", method=req.method, target=req.target, status=status,
                   ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    @staticmethod
+    async def _discard_body(conn: Conn) -> None:
+        """Reads an unread request body (bounded) before an early error
+        answer, so that a client still sending it does not get EPIPE
+        instead of the answer."""
+        if conn.h11.their_state is not h11.SEND_BODY or conn.h11.they_are_waiting_for_100_continue:
+            return
+        try:
+            await asyncio.wait_for(conn.read_body(MAX_JSON), 5)
+        except (HttpError, ConnectionError, h11.RemoteProtocolError, asyncio.TimeoutError):
+            conn.closed = True
 
     # -- routing -------------------------------------------------------------
     def _route(self, req: Request):
