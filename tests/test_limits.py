@@ -39,7 +39,7 @@ async def test_fork_bomb_contained_and_destroyable_fast():
         probe = ("import os, time\nok = fail = 0\n"
                  "for _ in range(200):\n"
                  "    try:\n        pid = os.fork()\n    except BlockingIOError:\n        fail += 1; continue\n"
-                 "    if pid == 0:\n        time.sleep(30); os._exit(0)\n    ok += 1\n"
+                 "    if pid == 0:\n        os.close(1); os.close(2); time.sleep(30); os._exit(0)\n    ok += 1\n"
                  "print(ok, fail)")
         p = await box.exec(["python3", "-c", probe])
         ok, fail = map(int, (await p.stdout.read()).split())
