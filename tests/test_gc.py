@@ -459,7 +459,6 @@ def test_cli_gc_nothing(tmp_path):
     assert r.output.endswith("nothing to collect\n") or "removed" in r.output
 
 
-@pytest.mark.skipif(not runtime_writes_state, reason="the runtime does not write state records yet")
 def test_gc_after_kill_9_of_sandbox_run(tmp_path):
     """End to end: kill -9 `sandbox run -- sleep 100`, then `sandbox gc` leaves nothing."""
     runner = subprocess.Popen(
@@ -477,6 +476,8 @@ def test_gc_after_kill_9_of_sandbox_run(tmp_path):
         assert record["pid"] == runner.pid and record["sandboxes"]
         backend = cgroups.default_backend()
         for objs in record["sandboxes"].values():
+            if "cgroup" not in objs:   # a ready (warm) netns no sandbox took yet
+                continue
             cg = backend.open(cgroups.SHARED_PARENT, objs["cgroup"])
             inside += [psutil.Process(pid) for pid in cg.pids()]
         assert inside
