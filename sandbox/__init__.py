@@ -7,6 +7,7 @@ from .proxy.client import fetch
 from .proxy.models import Request, Response
 from .runtime import Runtime
 from .sandbox import Sandbox
+from .container import Container
 
-__all__ = ["TcpPort", "Request", "Response", "fetch", "Runtime", "Sandbox", "ExecProcess", "ExecOutput", "SandboxError",
+__all__ = ["TcpPort", "Request", "Response", "fetch", "Runtime", "Sandbox", "Container", "ExecProcess", "ExecOutput", "SandboxError",
            "SandboxNotRunning", "ContainerError", "ContainerExitError", "ExecError"]

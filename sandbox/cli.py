@@ -86,7 +86,10 @@ async def _run(obj, o) -> int:
                              cpus=o["cpus"])
         except (TypeError, ValueError) as e:
             raise click.UsageError(str(e))
-        _apply_hosts(box, o)
+        try:
+            _apply_hosts(box, o)
+        except (TypeError, ValueError) as e:
+            raise click.UsageError(str(e))
         try:
             await box.start(env=o["env"], entrypoint=o["cmd"], enable_internet=o["internet"],
                             cwd=o["cwd"], user=o["user"], stdio=(0, 1, 2))

@@ -230,22 +230,20 @@ class Container:
         return handlers[name]
 
     def set_outbound_by_host(self, host: str, handler_name: str) -> None:
-        self.set_outbound_by_hosts({**{str(t): v for t, (v, _) in self._overrides.items()},
-                                    host: handler_name}, _replace=False)
+        """Requests to `host` go to `outbound_handlers[handler_name]` (ValueError for an
+        unknown name); beats the class `outbound_by_host` for that host."""
+        t = _target(host, "outbound_by_host")
+        self._overrides[t] = (handler_name, self._tracked(self._named(handler_name)))
+        self._publish_routes()
 
-    def set_outbound_by_hosts(self, mapping: dict, _replace: bool = True) -> None:
-        """Replaces every instance per-host handler (as Cloudflare's setOutboundByHosts);
-        the class `outbound_by_host` stays underneath."""
+    def set_outbound_by_hosts(self, mapping: dict) -> None:
+        """Replaces every instance per-host handler at once (as Cloudflare's
+        setOutboundByHosts); the class `outbound_by_host` stays underneath."""
         if not isinstance(mapping, dict):
             raise TypeError("set_outbound_by_hosts takes a dict of host -> handler name")
-        new: dict[Target, tuple[str, Any]] = {} if _replace else dict(self._overrides)
-        for host, name in mapping.items():
-            t = _target(host, "outbound_by_host")
-            new[t] = (name, self._tracked(self._named(name)))
-        old_targets = set(self._overrides)
+        new = {_target(host, "outbound_by_host"): (name, self._tracked(self._named(name)))
+               for host, name in mapping.items()}
         self._overrides = new
-        # A target dropped from the overrides must not linger as a sandbox route.
-        self._own_routes = tuple(r for r in self._own_routes) if old_targets else self._own_routes
         self._publish_routes()
 
     def remove_outbound_by_host(self, host: str) -> None:

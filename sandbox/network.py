@@ -5,7 +5,11 @@ delete a veth) runs in the background and is awaited when the runtime closes."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import ipaddress
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -17,7 +21,15 @@ from .proxy.dns import DNSForwarder, SyntheticNames
 from .proxy.listener import ProxyServer
 
 log = get_logger("sandbox.network")
-DEFAULT_POOL = "10.213.0.0/16"
+# Every runtime on the machine takes its own /20 of this space (1024
+# sandboxes): two runtimes handing out the same /30 would put one address on
+# two host interfaces, and replies would leave through the wrong one. A slot
+# is held by an flock on a file in LOCK_DIR for the runtime's lifetime (the
+# kernel drops it when the process dies, however it dies), and a slot that
+# any host interface already uses is skipped.
+POOL_SPACE = ipaddress.ip_network("10.192.0.0/12")
+SLOT_PREFIX = 20
+LOCK_DIR = "/run/sandbox-pools"
 # Namespaces kept ready: making a netns + veth costs ~7 ms of kernel time, so
 # start() takes a ready one and a replacement is made in the background.
 WARM = 2
@@ -54,13 +66,14 @@ class SandboxNet:
 
 
 class RuntimeNetwork:
-    def __init__(self, *, tag: str, state_dir: str, resolver: str | None, state, pool: str = DEFAULT_POOL):
+    def __init__(self, *, tag: str, state_dir: str, resolver: str | None, state):
         self.tag = tag
         self.prefix = f"s{tag}h"
         self.state_dir = state_dir
         self.resolver = resolver or host_resolver()
         self._state = state
-        self._pool = netns.AddressPool(pool)
+        self._pool = None
+        self._pool_lock = -1
         self._by_ip: dict[str, Any] = {}
         self._index = 0
         self._pending: set[asyncio.Task] = set()
@@ -73,6 +86,8 @@ class RuntimeNetwork:
         self.warm = WARM
 
     async def open(self) -> None:
+        net, self._pool_lock = await asyncio.to_thread(claim_slot)
+        self._pool = netns.AddressPool(str(net))
         # Validate the resolver before anything exists.
         self.dns = DNSForwarder(self.names, self.resolver, listen=("0.0.0.0", 0))
         self.proxy = ProxyServer(self._by_ip.get, names=self.names)
@@ -101,7 +116,7 @@ class RuntimeNetwork:
             for r in await asyncio.gather(*list(self._pending), return_exceptions=True):
                 if isinstance(r, BaseException) and first is None:
                     first = r
-        for step in (self._close_proxy, self._close_dns, self._close_host):
+        for step in (self._close_proxy, self._close_dns, self._close_host, self._release_slot):
             try:
                 await step()
             except Exception as e:
@@ -118,6 +133,11 @@ class RuntimeNetwork:
         if self.dns is not None:
             d, self.dns = self.dns, None
             await d.aclose()
+
+    async def _release_slot(self):
+        if self._pool_lock >= 0:
+            os.close(self._pool_lock)
+            self._pool_lock = -1
 
     async def _close_host(self):
         if self.host is not None:
@@ -210,6 +230,29 @@ class RuntimeNetwork:
 
     def lookup(self, ip: str):
         return self._by_ip.get(ip)
+
+
+def _host_addresses() -> list:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return [ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
+
+
+def claim_slot() -> tuple[ipaddress.IPv4Network, int]:
+    from netns._threads import run_in_thread
+    used = run_in_thread(_host_addresses, name="addr-scan")
+    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    for net in POOL_SPACE.subnets(new_prefix=SLOT_PREFIX):
+        if any(a in net for a in used):
+            continue
+        fd = os.open(os.path.join(LOCK_DIR, str(net.network_address)), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return net, fd
+    raise OSError(errno.EADDRINUSE, f"no free /{SLOT_PREFIX} left in {POOL_SPACE} for sandbox addresses")
 
 
 def is_ip(text: str) -> bool:

@@ -437,6 +437,8 @@ class Server:
                     break       # ConnectionClosed (or PAUSED after a close)
                 req = Request(conn, ev)
                 await self._handle(req)
+                if not conn.closed:
+                    await self._discard_body(conn)     # e.g. a GET's (empty) end of message
                 if conn.closed or conn.h11.our_state is not h11.DONE \
                         or conn.h11.their_state is not h11.DONE:
                     break       # an unread body or a finished client: close

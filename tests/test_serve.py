@@ -52,8 +52,8 @@ class Server:
         return ["curl", "-sS", "-N", "--unix-socket", self.sock, "-X", method, *extra,
                 f"http://localhost{path}"]
 
-    def curl(self, method, path, body=None, *extra, data: bytes | None = None):
-        """-> (status, parsed JSON or raw bytes)"""
+    def curl(self, method, path, body=None, *extra, data: bytes | None = None, raw=False):
+        """-> (status, parsed JSON, or raw bytes when asked or not JSON)"""
         args = ["-w", "\n%{http_code}"]
         if body is not None:
             data = json.dumps(body).encode()
@@ -63,6 +63,8 @@ class Server:
                            capture_output=True, timeout=30)
         assert r.returncode == 0, r.stderr
         out, _, code = r.stdout.rpartition(b"\n")
+        if raw:
+            return int(code), out
         try:
             return int(code), json.loads(out) if out.strip() else None
         except ValueError:
@@ -71,9 +73,9 @@ class Server:
     def exec(self, name, body=None, path_extra="", *extra, data=None):
         """-> (status, stdout, stderr, exit_code | error JSON)"""
         status, out = self.curl("POST", f"/sandboxes/{name}/exec{path_extra}", body, *extra,
-                                data=data)
+                                data=data, raw=True)
         if status != 200:
-            return status, None, None, out
+            return status, None, None, json.loads(out)
         return (status, *decode_ndjson(out))
 
     def cli(self, *args, input=None):
@@ -174,16 +176,15 @@ def test_errors_and_unknown_routes(server):
     # keep-alive: two requests on one connection
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(server.sock)
-        f = s.makefile("rb")
-        for _ in range(2):
-            s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert f.readline().startswith(b"HTTP/1.1 200")
-            length = 0
-            while (h := f.readline()) != b"\r\n":
-                if h.lower().startswith(b"content-length:"):
-                    length = int(h.split(b":")[1])
-            assert json.loads(f.read(length))["server"]["pid"] == server.proc.pid
-        f.close()
+        with s.makefile("rb") as f:
+            for _ in range(2):
+                s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert f.readline().startswith(b"HTTP/1.1 200")
+                length = 0
+                while (h := f.readline()) != b"\r\n":
+                    if h.lower().startswith(b"content-length:"):
+                        length = int(h.split(b":")[1])
+                assert json.loads(f.read(length))["server"]["pid"] == server.proc.pid
     st, stats = server.curl("GET", "/stats")
     assert st == 200 and stats["sandboxes"] == 0 and stats["running"] == 0
 
