@@ -125,6 +125,15 @@ table inet {name} {{
         reject with icmpx admin-prohibited
     }}
 
+    # Nothing on the host opens a connection into a sandbox either: its ports
+    # are reached only from inside its own netns (get_tcp_port). Replies
+    # (proxy, DNS, our own rejects) are established or related and pass.
+    chain output {{
+        type filter hook output priority filter; policy accept;
+        oifname "{prefix}*" ct state new meta l4proto tcp reject with tcp reset
+        oifname "{prefix}*" ct state new reject with icmpx admin-prohibited
+    }}
+
     # Sandbox addresses are private: hide them behind the uplink's address.
     chain postrouting_nat {{
         type nat hook postrouting priority srcnat; policy accept;

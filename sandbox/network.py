@@ -147,7 +147,7 @@ class RuntimeNetwork:
     # -- per sandbox --------------------------------------------------------
     async def _make(self) -> SandboxNet:
         self._index += 1
-        sid = f"n{self._index}"
+        sid = f"{self.tag}-n{self._index}"
         ifname = f"{self.prefix}{self._index}"
         block = self._pool.allocate()
         path = netns.namespace.netns_dir(self.state_dir) + f"/{sid}"

@@ -263,6 +263,29 @@ def summary(box) -> dict:
     }
 
 
+def _policy(box) -> dict | None:
+    """The sandbox's outbound policy as JSON (targets as text; a handler that
+    is a URL as its URL, any other as its kind)."""
+    pol = getattr(box, "policy", None)
+    if pol is None:
+        return None
+
+    def hosts(v):
+        return None if v is None else [str(t) for t in v]
+
+    def handler(h):
+        return h if isinstance(h, str) else f"<{type(h).__name__}>"
+
+    http, https = {}, {}
+    for r in getattr(pol, "routes", ()):
+        for scheme in getattr(r, "schemes", ("http",)):
+            (https if scheme == "https" else http)[str(r.target)] = handler(r.handler)
+    return {"allowed_hosts": hosts(getattr(pol, "allowed_hosts", None)),
+            "denied_hosts": hosts(getattr(pol, "denied_hosts", ())),
+            "http_handlers": http, "https_handlers": https,
+            "intercept_https": getattr(pol, "intercept_https", None)}
+
+
 def details(box) -> dict:
     out = summary(box)
     lim = getattr(box, "_limits", None)
@@ -272,14 +295,8 @@ def details(box) -> dict:
     out["env_keys"] = sorted(getattr(box, "_env", {}) or {})
     out["enable_internet"] = getattr(box, "enable_internet", None)
     out["stats"] = _stats(box)
-    policy = {}
-    for attr in ("allowed_hosts", "denied_hosts"):
-        v = getattr(box, attr, None)
-        if v is None:
-            v = getattr(box, "_" + attr, None)
-        if v is not None and not callable(v):
-            policy[attr] = list(v)
-    if policy:
+    policy = _policy(box)
+    if policy is not None:
         out["policy"] = policy
     return out
 
@@ -666,11 +683,24 @@ class Server:
             steps.append(("http_handlers", "intercept_outbound_http", list(http.items())))
         if https:
             steps.append(("https_handlers", "intercept_outbound_https", list(https.items())))
-        # All or nothing: check every method exists before applying any.
+        # All or nothing: check every method exists and every target parses
+        # before applying any.
         missing = [m for _, m, _ in steps if not callable(getattr(box, m, None))]
         if missing:
             raise HttpError(501, f"this build cannot apply policy: Sandbox.{missing[0]} "
                                  "is not available")
+        try:
+            from .proxy.policy import parse_target
+        except ImportError:
+            parse_target = None
+        if parse_target is not None:
+            for field, targets in (("allowed_hosts", allowed or ()), ("denied_hosts", denied or ()),
+                                   ("http_handlers", http), ("https_handlers", https)):
+                for t in targets:
+                    try:
+                        parse_target(t)
+                    except (TypeError, ValueError) as e:
+                        raise ValueError(f"{field}: {e}") from None
         applied = []
         for field, meth, calls in steps:
             for args in calls:
@@ -717,6 +747,10 @@ class Server:
         client_gone = asyncio.Event()
         if req.content_type == "application/octet-stream":
             a = self._exec_query(req)
+            if conn.h11.they_are_waiting_for_100_continue:
+                # Say so before the 200 below: a client that sent
+                # "Expect: 100-continue" holds the body back until then.
+                await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
 
             async def body():
                 # The request body is the process's stdin, pulled only as fast
@@ -782,7 +816,7 @@ class Server:
                 t.cancel()
             await asyncio.gather(watcher, gone, pumps, return_exceptions=True)
             if not proc.exit_code.done():
-                proc.kill(_signal.SIGKILL)
+                proc.kill(int(_signal.SIGKILL))
                 await asyncio.shield(proc.exit_code)
             if not conn.closed and conn.h11.their_state is not h11.DONE:
                 conn.closed = True          # stdin was cut short: the body is unread

@@ -12,8 +12,11 @@ import os
 import signal
 import socket
 import stat
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -103,8 +106,17 @@ def decode_ndjson(raw: bytes):
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path)
+def tmp_dir():
+    # Not pytest's tmp_path: its cleanup of old numbered dirs renames them
+    # (mount points included) while the leak guard watches.
+    d = tempfile.mkdtemp(prefix="sbx-serve-")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server(tmp_dir):
+    s = Server(tmp_dir)
     yield s
     s.stop()
 
@@ -240,10 +252,18 @@ def test_policy(server):
         assert st == 501 and "error" in r
         return
     assert st == 200 and r["applied"] == ["allowed_hosts", "denied_hosts", "http_handlers"]
+    pol = server.curl("GET", "/sandboxes/p")[1]["policy"]
+    assert pol["allowed_hosts"] == ["example.com", "*.example.org"]
+    assert pol["denied_hosts"] == ["evil.com"]
+    assert pol["http_handlers"] == {"my.kv": "http://127.0.0.1:9"}
     st, r = server.curl("PUT", "/sandboxes/p/policy", {"allowed_hosts": None})
     assert st == 200 and r["applied"] == ["allowed_hosts"]
     assert server.curl("PUT", "/sandboxes/p/policy", {"allowed_hosts": "example.com"})[0] == 400
-    assert server.curl("PUT", "/sandboxes/p/policy", {"denied_hosts": ["exa mple..com:99999"]})[0] == 400
+    # all or nothing: a bad handler target leaves the allowlist as it was
+    st, e = server.curl("PUT", "/sandboxes/p/policy", {"allowed_hosts": ["other.com"],
+                                                       "denied_hosts": ["exa mple..com:99999"]})
+    assert st == 400 and "denied_hosts" in e["error"]
+    assert server.curl("GET", "/sandboxes/p")[1]["policy"]["allowed_hosts"] is None
     assert server.curl("PUT", "/sandboxes/p/policy", {"http_handlers": {"x.y": "ftp://a"}})[0] == 400
     assert server.curl("PUT", "/sandboxes/p/policy", {"routes": {}})[0] == 400
     assert server.curl("PUT", "/sandboxes/none/policy", {})[0] == 404
@@ -296,25 +316,51 @@ def test_exec_streams_and_exit_codes(server):
 
 
 def test_exec_is_streamed_both_ways(server):
-    """Output arrives while the process still runs, and stdin is fed as it comes."""
+    """Output arrives while the process still runs, and stdin is fed as it
+    comes. (curl reads its stdin with blocking reads, so it cannot show
+    this; an h11 client on a raw socket can.)"""
+    import h11
     assert server.curl("POST", "/sandboxes", {"name": "io"})[0] == 201
-    curl = subprocess.Popen(
-        server.curl_args("POST", "/sandboxes/io/exec?cmd=cat", "-H",
-                         "Content-Type: application/octet-stream", "-T", "-"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(server.sock)
+        c = h11.Connection(h11.CLIENT)
+
+        def send(ev):
+            s.sendall(c.send(ev))
+
+        def next_event():
+            while (ev := c.next_event()) is h11.NEED_DATA:
+                c.receive_data(s.recv(65536))
+            return ev
+
+        lines = []
+
+        def next_line():
+            while not lines:
+                ev = next_event()
+                assert isinstance(ev, (h11.Response, h11.Data)), ev
+                if isinstance(ev, h11.Response):
+                    assert ev.status_code == 200
+                    assert dict(ev.headers)[b"content-type"] == b"application/x-ndjson"
+                else:
+                    lines.extend(json.loads(x) for x in bytes(ev.data).splitlines())
+            return lines.pop(0)
+
+        send(h11.Request(method="POST", target="/sandboxes/io/exec?cmd=cat", headers=[
+            ("Host", "x"), ("Content-Type", "application/octet-stream"),
+            ("Transfer-Encoding", "chunked")]))
         for word in (b"ping\n", b"pong\n"):
-            curl.stdin.write(word)
-            curl.stdin.flush()
-            line = json.loads(curl.stdout.readline())      # before stdin ends
-            assert line == {"stream": "stdout", "data": base64.b64encode(word).decode()}
-        curl.stdin.close()
-        assert json.loads(curl.stdout.readline()) == {"exit_code": 0}
-        assert curl.wait(timeout=30) == 0
-    finally:
-        curl.kill()
-        curl.wait()
-        curl.stdout.close()
+            send(h11.Data(data=word))
+            assert next_line() == {"stream": "stdout",                  # before stdin ends
+                                   "data": base64.b64encode(word).decode()}
+        send(h11.EndOfMessage())
+        assert next_line() == {"exit_code": 0}
+        assert isinstance(next_event(), h11.EndOfMessage)
+        # the connection stays usable (keep-alive)
+        c.start_next_cycle()
+        send(h11.Request(method="GET", target="/sandboxes/io", headers=[("Host", "x")]))
+        send(h11.EndOfMessage())
+        assert next_event().status_code == 200
 
 
 def test_exec_client_hangup_kills_process(server):
@@ -335,8 +381,8 @@ def test_exec_client_hangup_kills_process(server):
     assert server.curl("GET", "/stats")[0] == 200
 
 
-def test_sigterm_with_requests_in_flight(tmp_path):
-    srv = Server(tmp_path)
+def test_sigterm_with_requests_in_flight(tmp_dir):
+    srv = Server(tmp_dir)
     try:
         assert srv.curl("POST", "/sandboxes", {"name": "a", "entrypoint": ["sleep", "1000"]})[0] == 201
         assert srv.curl("POST", "/sandboxes", {"name": "b"})[0] == 201
@@ -354,24 +400,24 @@ def test_sigterm_with_requests_in_flight(tmp_path):
 
 # -- the socket ---------------------------------------------------------------------
 
-def test_socket_is_private_exclusive_and_replaces_stale(tmp_path):
+def test_socket_is_private_exclusive_and_replaces_stale(tmp_dir):
     # a stale socket file (nobody listening) is replaced
-    path = tmp_path / "s.sock"
+    path = tmp_dir / "s.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
-    srv = Server(tmp_path)
+    srv = Server(tmp_dir)
     try:
         st = os.lstat(srv.sock)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
         # a second server on a live socket refuses, and leaves it alone
-        r = sandbox_cli("--state-dir", str(tmp_path / "state2"), "serve", "--socket", srv.sock)
+        r = sandbox_cli("--state-dir", str(tmp_dir / "state2"), "serve", "--socket", srv.sock)
         assert r.returncode == 125 and "already listening" in one_line(r)
         assert srv.curl("GET", "/stats")[0] == 200
     finally:
         srv.stop()
     # not a socket: refused
     path.write_text("x")
-    r = sandbox_cli("--state-dir", str(tmp_path / "state2"), "serve", "--socket", str(path))
+    r = sandbox_cli("--state-dir", str(tmp_dir / "state2"), "serve", "--socket", str(path))
     assert r.returncode == 125 and "not a socket" in one_line(r)
     assert path.read_text() == "x"
 
@@ -425,16 +471,16 @@ def test_cli_clients(server):
     assert r.stdout.decode().splitlines() == ["NAME  STATE  PID  ADDRESS  UPTIME  CPU  MEM"]
 
 
-def test_cli_without_server_and_bad_flags(tmp_path):
-    sock = str(tmp_path / "none.sock")
+def test_cli_without_server_and_bad_flags(tmp_dir):
+    sock = str(tmp_dir / "none.sock")
     for args in (["ps"], ["exec", "x", "--", "true"], ["kill", "x"], ["rm", "x"],
                  ["inspect", "x"]):
         r = sandbox_cli(args[0], "--socket", sock, *args[1:])
         assert r.returncode == 125, (args, r.stderr)
         assert "cannot reach the server" in one_line(r)
     # the default socket lives in the state dir
-    r = sandbox_cli("--state-dir", str(tmp_path), "ps")
-    assert r.returncode == 125 and str(tmp_path / "sandbox.sock") in one_line(r)
+    r = sandbox_cli("--state-dir", str(tmp_dir), "ps")
+    assert r.returncode == 125 and str(tmp_dir / "sandbox.sock") in one_line(r)
     for args in (["ps", "--bogus"], ["exec"], ["exec", "x"], ["kill"], ["rm"], ["inspect"],
                  ["serve", "--bogus"], ["exec", "--env", "nope", "x", "true"]):
         r = sandbox_cli(*args)
