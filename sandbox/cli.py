@@ -167,10 +167,11 @@ def main(argv=None) -> None:
         sys.exit(125)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # Subcommands living in their own modules register themselves on `cli`.
 from . import cli_gc  # noqa: E402,F401
 from . import cli_serve  # noqa: E402,F401
+
+
+if __name__ == "__main__":
+    main()

@@ -311,6 +311,8 @@ def _exec_status(e: ExecError) -> int:
 def error_status(e: BaseException) -> tuple[int, dict]:
     if isinstance(e, HttpError):
         return e.status, {"error": str(e), **e.extra}
+    if isinstance(e, h11.RemoteProtocolError):       # e.g. a broken chunked body
+        return e.error_status_hint, {"error": f"bad HTTP request: {e}"}
     if isinstance(e, ExecError):
         return _exec_status(e), {"error": str(e), "errno": e.errno, "step": e.step}
     if isinstance(e, SandboxNotRunning):

@@ -273,6 +273,51 @@ def test_policy(server):
     assert st == 201
 
 
+def test_policy_url_handler_end_to_end(server):
+    """A handler given as a URL receives the sandbox's request (SPEC §3)."""
+    import http.server
+    import threading
+    from sandbox import Sandbox
+    if not hasattr(Sandbox, "intercept_outbound_http"):
+        pytest.skip("this build has no outbound interception")
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("X-Sandbox-Id"),
+                         self.headers.get("X-Original-Url")))
+            body = b"from the orchestrator"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        st, box = server.curl("POST", "/sandboxes", {"name": "kv", "enable_internet": False})
+        assert st == 201
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        st, r = server.curl("PUT", "/sandboxes/kv/policy", {"http_handlers": {"my.kv": url},
+                                                            "denied_hosts": ["203.0.113.7"]})
+        assert st == 200, r
+        st, out, err, code = server.exec("kv", {"cmd": ["curl", "-sS", "-m", "10",
+                                                        "http://my.kv/key?x=1"]})
+        assert (out, code) == (b"from the orchestrator", 0), err
+        assert seen == [("/key?x=1", box["id"], "http://my.kv/key?x=1")]
+        st, out, err, code = server.exec("kv", {"cmd": ["curl", "-sS", "-m", "10", "-w",
+                                                        " %{http_code}", "http://203.0.113.7/"]})
+        assert out.endswith(b" 403") and b"denied_hosts" in out, (out, err)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join()
+
+
 def test_exec_streams_and_exit_codes(server):
     assert server.curl("POST", "/sandboxes", {"name": "x", "env": {"BASE": "b"}})[0] == 201
     st, out, err, code = server.exec("x", {"cmd": ["sh", "-c", "echo out; echo err >&2; exit 3"]})
