@@ -33,9 +33,12 @@ class TcpPort:
             raise
 
     async def fetch(self, url: str = "/", method: str = "GET", headers=None, body=None) -> Response:
-        if url.startswith("/"):
-            url = f"http://127.0.0.1:{self.port}{url}"
-        request = url if isinstance(url, Request) else Request(method, url, headers=headers, body=body)
+        if isinstance(url, Request):
+            request = url
+        else:
+            if url.startswith("/"):
+                url = f"http://127.0.0.1:{self.port}{url}"
+            request = Request(method, url, headers=headers, body=body)
         reader, writer = await self.connect()
         conn = ClientConnection(reader, writer)
         try:

@@ -215,6 +215,9 @@ class Sandbox(OutboundMixin):
             out = self._outcome_future()
             if not out.done():
                 out.set_result((0, True, self._destroy_msg))
+        # Its handler names stop resolving; the policy keeps no routes, so a
+        # second destroy releases nothing twice.
+        self._publish(routes=(), class_routes=())
         self._rt._forget(self)
         log.debug("sandbox.destroy", sandbox=self.name, step="destroy",
                   ms=round((time.perf_counter() - t0) * 1000, 2))

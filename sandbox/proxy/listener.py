@@ -190,6 +190,9 @@ class ProxyServer:
             except OSError as exc:  # EMFILE and friends: log, keep serving
                 log.error("proxy.accept_error", error=repr(exc))
                 continue
+            # Responses go out as head then body: without NODELAY the second
+            # write waits for the sandbox's delayed ACK (~40 ms a request).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(self._handle(conn, peer[0]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
