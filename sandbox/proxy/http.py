@@ -35,6 +35,7 @@ Connector = Callable[[Address, Optional[str]], Awaitable[tuple[asyncio.StreamRea
 # the connection alive; beyond it, closing is cheaper than reading.
 DRAIN_LIMIT = 1 << 20
 _NO_BODY_STATUS = (204, 304)
+SMALL_BODY = 64 * 1024
 
 
 async def default_connector(dst: Address, server_name: Optional[str]
@@ -118,9 +119,24 @@ class _Session:
         no_body = method == "HEAD" or resp.status in _NO_BODY_STATUS
         if resp.body_length is not None and not no_body:
             headers["Content-Length"] = str(resp.body_length)
-        await self._write(h11.Response(status_code=resp.status,
-                                       headers=[(n.encode("latin-1"), v.encode("latin-1"))
-                                                for n, v in headers.raw_items()]))
+        head = h11.Response(status_code=resp.status,
+                            headers=[(n.encode("latin-1"), v.encode("latin-1"))
+                                     for n, v in headers.raw_items()])
+        if no_body or (resp.body_length is not None and resp.body_length <= SMALL_BODY):
+            # One write, one segment: a small response is not worth a second
+            # send() and a second packet.
+            body = b"" if no_body else await resp.read()
+            parts = [self.conn.send(head)]
+            if body:
+                parts.append(self.conn.send(h11.Data(data=body)))
+            parts.append(self.conn.send(h11.EndOfMessage()))
+            try:
+                self.writer.write(b"".join(p for p in parts if p))
+                await self.writer.drain()
+            except (ConnectionError, ssl.SSLError) as exc:
+                raise _ClientGone(str(exc)) from None
+            return len(body)
+        await self._write(head)
         sent = 0
         if not no_body:
             async with contextlib.aclosing(resp.body) as body:
