@@ -14,7 +14,14 @@ async def test_monitor_with_several_awaiters_before_and_after_start():
     async with sandbox.Runtime() as rt:
         box = rt.sandbox()
         early = asyncio.ensure_future(box.monitor())      # before start
-        await box.start(entrypoint=["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"])
+        r, w = os.pipe()
+        try:
+            await box.start(entrypoint=["sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 1000 & wait"],
+                            stdio=(rt._devnull, w, 2))
+        finally:
+            os.close(w)
+        with os.fdopen(r, "rb") as f:      # the trap is in place once it says so
+            assert f.readline() == b"ready\n"
         assert box.running and box.state == "running" and box.pid > 0
         waiters = [asyncio.ensure_future(box.monitor()) for _ in range(3)]
         await asyncio.sleep(0)
