@@ -80,50 +80,58 @@ async def _run(obj, o) -> int:
         rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"])
     except (TypeError, ValueError) as e:
         raise click.UsageError(str(e))
-    async with rt:
-        try:
-            box = rt.sandbox(o["name"], rootfs=o["rootfs"], memory=o["memory"], pids=o["pids"],
-                             cpus=o["cpus"])
-        except (TypeError, ValueError) as e:
-            raise click.UsageError(str(e))
-        try:
-            _apply_hosts(box, o)
-        except (TypeError, ValueError) as e:
-            raise click.UsageError(str(e))
-        try:
-            await box.start(env=o["env"], entrypoint=o["cmd"], enable_internet=o["internet"],
-                            cwd=o["cwd"], user=o["user"], stdio=(0, 1, 2))
-        except ExecError as e:
-            if e.step == "execve" and e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise Failure(f"{o['cmd'][0]}: command not found", 127)
-            if e.step == "execve":
-                raise Failure(f"{o['cmd'][0]}: {e.strerror}", 126)
-            raise Failure(str(e))
-        except ValueError as e:
-            raise click.UsageError(str(e))
-        interrupts = 0
+    box = None
+    pending: list[int] = []
+    interrupts = 0
 
-        def forward(sig):
-            nonlocal interrupts
-            if sig == signal.SIGINT:
-                interrupts += 1
-                if interrupts > 1:   # a second Ctrl-C: stop waiting for a polite exit
-                    asyncio.ensure_future(box.destroy())
-                    return
+    def forward(sig):
+        # Installed before anything exists, so a signal during start-up is
+        # never fatal to the runtime (which would leak what it made): it is
+        # held and delivered once the entrypoint runs.
+        nonlocal interrupts
+        if sig == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1 and box is not None:   # a second Ctrl-C: stop waiting politely
+                asyncio.ensure_future(box.destroy())
+                return
+        if box is not None and box.running:
             box.signal(int(sig))
+        else:
+            pending.append(int(sig))
 
+    for s in FORWARDED:
+        loop.add_signal_handler(s, forward, s)
+    try:
+        async with rt:
+            try:
+                box = rt.sandbox(o["name"], rootfs=o["rootfs"], memory=o["memory"], pids=o["pids"],
+                                 cpus=o["cpus"])
+                _apply_hosts(box, o)
+            except (TypeError, ValueError) as e:
+                raise click.UsageError(str(e))
+            try:
+                await box.start(env=o["env"], entrypoint=o["cmd"], enable_internet=o["internet"],
+                                cwd=o["cwd"], user=o["user"], stdio=(0, 1, 2))
+            except ExecError as e:
+                if e.step == "execve" and e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise Failure(f"{o['cmd'][0]}: command not found", 127)
+                if e.step == "execve":
+                    raise Failure(f"{o['cmd'][0]}: {e.strerror}", 126)
+                raise Failure(str(e))
+            except ValueError as e:
+                raise click.UsageError(str(e))
+            for sig in pending:
+                box.signal(sig)
+            try:
+                await box.monitor()
+                return 0
+            except ContainerExitError as e:
+                return e.exit_code
+            except SandboxError as e:
+                raise Failure(str(e))
+    finally:
         for s in FORWARDED:
-            loop.add_signal_handler(s, forward, s)
-        try:
-            await box.monitor()
-            return 0
-        except ContainerExitError as e:
-            return e.exit_code
-        except SandboxError as e:
-            raise Failure(str(e))
-        finally:
-            for s in FORWARDED:
-                loop.remove_signal_handler(s)
+            loop.remove_signal_handler(s)
 
 
 def _apply_hosts(box, o) -> None:
