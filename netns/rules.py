@@ -15,6 +15,8 @@ collision is detected and refused in ``setup()``).
 
 from __future__ import annotations
 
+import re
+
 import errno
 import zlib
 
@@ -49,7 +51,8 @@ def derive_mark_table(tag: str) -> tuple[int, int]:
     return value, value
 
 
-def build_ruleset(name: str, prefix: str, proxy_port: int, dns_port: int, mark: int) -> str:
+def build_ruleset(name: str, prefix: str, proxy_port: int, dns_port: int, mark: int,
+                  comment: str | None = None) -> str:
     """The table as nft text: created (fails if it exists) and filled in one batch.
 
     ``create table`` instead of ``add``: a second runtime with the same tag,
@@ -59,10 +62,16 @@ def build_ruleset(name: str, prefix: str, proxy_port: int, dns_port: int, mark: 
     check_identifier(name, "table")
     check_ifname(prefix, "prefix")
     sb = f'iifname "{prefix}*"'
+    if comment is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,60}", comment):
+        raise ValueError(f"comment: must be an nft identifier: {comment!r}")
+    # Who owns the table, so a collector can judge it without any state file.
+    # nft 1.0.6 does not list table comments, so it is an (empty) set's name.
+    comment_line = f"set {comment} {{ type ifname; }}" if comment else ""
     to_sb = f'oifname "{prefix}*"'
     return f"""\
 create table inet {name}
 table inet {name} {{
+    {comment_line}
     # Host ends of sandboxes whose enable_internet is on.
     set inet_on {{
         type ifname
@@ -195,13 +204,15 @@ class HostNetwork:
             raise ValueError(f"mark: out of range: {self.mark!r}")
         if not 0 < self.table < 1 << 32 or self.table in (253, 254, 255):
             raise ValueError(f"table: reserved or out of range: {self.table!r}")
+        self.comment: str | None = None
         self._nft: Nft | None = None
         self._have_table = False
         self._have_rule = False
         self._have_route = False
 
     def ruleset(self) -> str:
-        return build_ruleset(self.table_name, self.prefix, self.proxy_port, self.dns_port, self.mark)
+        return build_ruleset(self.table_name, self.prefix, self.proxy_port, self.dns_port, self.mark,
+                             self.comment)
 
     def setup(self) -> None:
         if self._nft is not None:

@@ -89,8 +89,59 @@ def collect(state_dirs: list[str | os.PathLike]) -> Report:
             continue
         seen.add(key)
         ctx.step("state dir " + sd, _collect_state_dir, ctx, sd)
+    ctx.step("orphans", _sweep_orphans, ctx)
     ctx.step("cgroup parent", _remove_empty_cgroup_parent, ctx)
     return report
+
+
+_OWNER = re.compile(r"set owner_(\d+)_(\d+) ")
+
+
+def _sweep_orphans(ctx: _Context) -> None:
+    """Runtimes no scanned state dir knows (e.g. their state dir is gone):
+    their nft table names the owner (pid + start ticks). A dead owner's table,
+    links, cgroups and netns pins are removed by the tag in their names. A
+    table without an owner comment, or with a live owner, is left alone."""
+    from netns import gc as netns_gc
+    from netns.nft import Nft
+    from netns.rules import TABLE_PREFIX, derive_mark_table
+
+    nft = Nft()
+    try:
+        for table in netns_gc.list_tables(TABLE_PREFIX):
+            try:
+                text = nft.run(f"list table inet {table}")
+            except Exception:
+                continue
+            m = _OWNER.search(text)
+            if m is None or _state.is_alive(int(m.group(1)), 0.0, int(m.group(2))):
+                continue
+            tag = table[len(TABLE_PREFIX):]
+            for path in _nsfs_mounts(f"{tag}-n"):
+                ctx.step(f"orphan {tag}: netns {path}", _remove_netns_pin, ctx, path)
+            _sweep_prefixes(ctx, tag, {"prefix": f"s{tag}h", "cgroup_prefix": f"{tag}."})
+            ctx.step(f"orphan {tag}: nft table", _remove_table, ctx, table)
+            mark, rt_table = derive_mark_table(tag)
+            ctx.step(f"orphan {tag}: ip rule", _remove_rule, ctx, mark, rt_table)
+    finally:
+        nft.close()
+
+
+def _nsfs_mounts(basename_prefix: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            if parts[sep + 1] == "nsfs" and os.path.basename(parts[4]).startswith(basename_prefix):
+                out.append(parts[4])
+    return out
+
+
+def _remove_netns_pin(ctx: _Context, path: str) -> None:
+    from netns import gc as netns_gc
+    netns_gc.remove_netns(path)
+    ctx.removed("netns", path)
 
 
 class _Context:

@@ -95,6 +95,7 @@ class RuntimeNetwork:
             _, dns_port = await self.dns.start()
             _, proxy_port = await self.proxy.start()
             host = netns.HostNetwork(self.tag, self.prefix, proxy_port, dns_port)
+            host.comment = owner_comment()
             self._state.update_host(table=host.table_name, mark=host.mark, rt_table=host.table,
                                     prefix=self.prefix, proxy_port=proxy_port, dns_port=dns_port)
             await asyncio.to_thread(host.setup)
@@ -230,6 +231,12 @@ class RuntimeNetwork:
 
     def lookup(self, ip: str):
         return self._by_ip.get(ip)
+
+
+def owner_comment() -> str:
+    """"owner_<pid>_<start ticks>": read by `sandbox gc` when no state file names us."""
+    from .state import _start_ticks
+    return f"owner_{os.getpid()}_{_start_ticks(os.getpid())}"
 
 
 def _host_addresses() -> list:

@@ -501,3 +501,37 @@ def test_gc_after_kill_9_of_sandbox_run(tmp_path):
             assert p.status() == psutil.STATUS_ZOMBIE
     assert state.load_all(tmp_path) == []
     assert _mounts_under(tmp_path) == []
+
+
+def test_gc_finds_a_dead_runtime_whose_state_file_is_gone(tmp_path):
+    """The nft table names its owner: gc needs no state file to judge it dead."""
+    sd = tmp_path / "lost"
+    runner = subprocess.Popen(
+        [*CLI, "--state-dir", str(sd), "run", "--", "/bin/sh", "-c", "echo ready; exec sleep 100"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert runner.stdout.readline() == b"ready\n"
+        (record,) = state.load_all(sd)
+        tag = record["tag"]
+        os.kill(runner.pid, signal.SIGKILL)
+        assert runner.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        runner.stdout.close()
+        runner.stderr.close()
+    os.unlink(record["path"])                 # the state file is lost
+    report = sgc.collect([tmp_path / "elsewhere"])
+    kinds = {r.kind for r in report.removed}
+    assert not report.errors, report.errors
+    assert {"nft-table", "cgroup", "netns"} <= kinds, report.removed
+    from netns import gc as netns_gc
+    assert netns_gc.list_links(f"s{tag}h") == []
+    assert f"sandbox_{tag}" not in netns_gc.list_tables()
+    assert not any(name.startswith(f"{tag}.") for name in cgroups.list_cgroups())
+    # Only the directory pin of the lost state dir remains (no netns inside).
+    with open("/proc/self/mountinfo") as f:
+        left = [line.split()[4] for line in f if str(sd) in line.split()[4]]
+    for path in sorted(left, reverse=True):
+        subprocess.run(["umount", "-l", path], check=True)
