@@ -531,3 +531,23 @@ def test_cli_without_server_and_bad_flags(tmp_dir):
         r = sandbox_cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert one_line(r).startswith("sandbox: error:")
+
+
+def test_port_fetch_reaches_a_server_inside(server):
+    """POST /sandboxes/{name}/fetch: HTTP to a port inside, nothing exposed on the host."""
+    import base64
+    # The entrypoint serves one known file; it prints once it is listening.
+    code = ("import http.server, os, sys\n"
+            "os.chdir('/tmp'); open('/tmp/x', 'w').write('inside')\n"
+            "s = http.server.HTTPServer(('127.0.0.1', 8080), http.server.SimpleHTTPRequestHandler)\n"
+            "open('/tmp/ready', 'w').close(); s.serve_forever()\n")
+    st, r = server.curl("POST", "/sandboxes", {"name": "web", "entrypoint": ["python3", "-c", code]})
+    assert st == 201, r
+    st, r = server.curl("POST", "/sandboxes/web/exec",
+                        {"cmd": ["sh", "-c", "while [ ! -e /tmp/ready ]; do sleep 0.01; done"]})
+    assert st == 200
+    st, r = server.curl("POST", "/sandboxes/web/fetch", {"port": 8080, "path": "/x"})
+    assert st == 200 and r["status"] == 200, r
+    assert base64.b64decode(r["body"]) == b"inside"
+    assert server.curl("POST", "/sandboxes/web/fetch", {"port": 9}) [0] == 502
+    assert server.curl("POST", "/sandboxes/web/fetch", {"port": 70000})[0] == 400
