@@ -1,7 +1,6 @@
 """The error types of SPEC §10."""
 from __future__ import annotations
 
-import errno as _errno
 import os
 
 
@@ -60,4 +59,4 @@ class NativeError(SandboxError, OSError):
 
 
 __all__ = ["SandboxError", "SandboxNotRunning", "ContainerError", "ContainerExitError",
-           "ExecError", "NativeError", "_errno"]
+           "ExecError", "NativeError"]

@@ -229,9 +229,6 @@ class RuntimeNetwork:
         self._pool.release(net.block)
         done()
 
-    def lookup(self, ip: str):
-        return self._by_ip.get(ip)
-
 
 def owner_comment() -> str:
     """"owner_<pid>_<start ticks>": read by `sandbox gc` when no state file names us."""
@@ -260,11 +257,3 @@ def claim_slot() -> tuple[ipaddress.IPv4Network, int]:
             continue
         return net, fd
     raise OSError(errno.EADDRINUSE, f"no free /{SLOT_PREFIX} left in {POOL_SPACE} for sandbox addresses")
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
