@@ -38,6 +38,11 @@ class Runtime:
         if not isinstance(state_dir, (str, os.PathLike)):
             raise TypeError("state_dir must be a path")
         self.state_dir = os.path.abspath(os.fspath(state_dir))
+        if resolver is not None:
+            from .proxy.dns import parse_resolver
+            if not isinstance(resolver, str):
+                raise TypeError("resolver must be a str: 'ip' or 'ip:port'")
+            parse_resolver(resolver)   # ValueError now, not at the first start
         self.resolver = resolver
         self.tag = "r" + secrets.token_hex(3)   # nft identifiers start with a letter
         self._sandboxes: dict[str, Sandbox] = {}

@@ -79,3 +79,8 @@ def test_sigterm_is_forwarded():
             p.wait()
         p.stdout.close()
         p.stderr.close()
+
+
+def test_bad_resolver_is_usage_error():
+    r = run("run", "--resolver", "not an ip", "--", "true")
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
