@@ -31,7 +31,8 @@ CREATE_FIELDS = ("name", "rootfs", "memory", "pids", "cpus", "env", "entrypoint"
                  "enable_internet", "allowed_hosts", "denied_hosts", "start")
 START_FIELDS = ("env", "entrypoint", "enable_internet")
 EXEC_FIELDS = ("cmd", "cwd", "env", "user", "stdin", "stderr")
-POLICY_FIELDS = ("allowed_hosts", "denied_hosts", "http_handlers", "https_handlers")
+POLICY_FIELDS = ("allowed_hosts", "denied_hosts", "http_handlers", "https_handlers",
+                 "catch_all_handler", "intercept_https", "enable_internet")
 
 
 class Endpoints:
@@ -226,6 +227,19 @@ class Endpoints:
             steps.append(("http_handlers", "intercept_outbound_http", list(http.items())))
         if https:
             steps.append(("https_handlers", "intercept_outbound_https", list(https.items())))
+        for field in ("intercept_https", "enable_internet"):
+            if field in o and not isinstance(o[field], bool):
+                raise TypeError(f"{field} must be true or false")
+        catch_all = o.get("catch_all_handler")
+        if "catch_all_handler" in o and not (isinstance(catch_all, str) and
+                                             catch_all.startswith(("http://", "https://"))):
+            raise ValueError("catch_all_handler must be an http(s):// URL")
+        if "catch_all_handler" in o:
+            steps.append(("catch_all_handler", "intercept_all_outbound_http", [(catch_all,)]))
+        if "intercept_https" in o:
+            steps.append(("intercept_https", "set_intercept_https", [(o["intercept_https"],)]))
+        if "enable_internet" in o:
+            steps.append(("enable_internet", "set_internet", [(o["enable_internet"],)]))
         # All or nothing: check every method exists and every target parses
         # before applying any.
         missing = [m for _, m, _ in steps if not callable(getattr(box, m, None))]

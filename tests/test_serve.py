@@ -551,3 +551,16 @@ def test_port_fetch_reaches_a_server_inside(server):
     assert base64.b64decode(r["body"]) == b"inside"
     assert server.curl("POST", "/sandboxes/web/fetch", {"port": 9}) [0] == 502
     assert server.curl("POST", "/sandboxes/web/fetch", {"port": 70000})[0] == 400
+
+
+def test_policy_switches(server):
+    assert server.curl("POST", "/sandboxes", {"name": "sw", "enable_internet": False})[0] == 201
+    st, r = server.curl("PUT", "/sandboxes/sw/policy", {"enable_internet": True, "intercept_https": True,
+                                                         "catch_all_handler": "http://127.0.0.1:9"})
+    assert st == 200, r
+    assert r["applied"] == ["catch_all_handler", "intercept_https", "enable_internet"]
+    assert server.curl("PUT", "/sandboxes/sw/policy", {"enable_internet": "yes"})[0] == 400
+    assert server.curl("PUT", "/sandboxes/sw/policy", {"catch_all_handler": "ftp://x"})[0] == 400
+    # The CA appears inside once HTTPS interception is on.
+    st, out, err, code = server.exec("sw", {"cmd": ["cat", "/etc/sandbox/certs/sandbox-ca.crt"]})
+    assert (st, code) == (200, 0) and out.startswith(b"-----BEGIN CERTIFICATE-----"), err
