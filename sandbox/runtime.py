@@ -19,6 +19,8 @@ from .state import RuntimeState
 from . import gc as _gc
 
 log = get_logger("sandbox.runtime")
+_DEFAULT_FILES = _rootfs.EtcFiles("x", "x").files(default_users=True)
+_DEFAULT_USERS = (_DEFAULT_FILES["passwd"], _DEFAULT_FILES["group"])
 
 
 @dataclass
@@ -228,8 +230,7 @@ class Runtime:
 
     def _etc_users(self, rootfs: str | None) -> tuple[str, str]:
         if rootfs is None:
-            files = _rootfs.EtcFiles("x", "x").files(default_users=True)
-            return files["passwd"], files["group"]
+            return _DEFAULT_USERS
         out = []
         for name in ("passwd", "group"):
             try:
