@@ -439,6 +439,26 @@ async def runtime(tmp_path, world: World):
         yield rt
 
 
+@contextlib.asynccontextmanager
+async def other_runtime(state_dir, world: World):
+    """A second runtime in its own process (OTHER_RUNTIME): yields its sandbox's
+    address; closing its stdin makes it exit, killed if it does not in time."""
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OTHER_RUNTIME, str(state_dir), f"{world.dns.ip}:53",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        address = (await asyncio.wait_for(other.stdout.readline(), 20)).decode().strip()
+        assert address, "the other runtime did not start"
+        yield address
+    finally:
+        other.stdin.close()
+        try:
+            await asyncio.wait_for(other.wait(), 20)
+        except asyncio.TimeoutError:
+            other.kill()
+            await other.wait()
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -789,12 +809,7 @@ def test_two_runtimes_get_disjoint_addresses(tmp_path, world):
     other's veth (its proxy and DNS timed out)."""
     async def main():
         async with Servers(world) as srv:
-            other = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", OTHER_RUNTIME, str(tmp_path / "other"), f"{world.dns.ip}:53",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-            try:
-                other_address = (await asyncio.wait_for(other.stdout.readline(), 20)).decode().strip()
-                assert other_address, "the other runtime did not start"
+            async with other_runtime(tmp_path / "other", world) as other_address:
                 async with runtime(tmp_path, world) as rt:
                     box = rt.sandbox()
                     await box.start(enable_internet=False)
@@ -803,28 +818,16 @@ def test_two_runtimes_get_disjoint_addresses(tmp_path, world):
                     assert box.address != other_address
                     assert http.get("ok") == [403, f"denied by no internet: {world.up.ip}"], http
                     assert dns_.get("ok") == [world.decoy.ip, [world.up.ip]], dns_
-            finally:
-                other.stdin.close()
-                if (await asyncio.wait_for(other.wait(), 20)) is None:
-                    other.kill()
             assert srv.decoy == []
     run(main())
 
 
 def test_two_runtimes_share_a_state_dir(tmp_path, world):
     async def main():
-        state = tmp_path / "rt"     # what runtime() uses too
-        other = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", OTHER_RUNTIME, str(state), f"{world.dns.ip}:53",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        try:
-            other_address = (await asyncio.wait_for(other.stdout.readline(), 20)).decode().strip()
-            assert other_address, "the other runtime did not start"
+        # tmp_path / "rt" is what runtime() uses too.
+        async with other_runtime(tmp_path / "rt", world) as other_address:
             async with runtime(tmp_path, world) as rt:
                 box = rt.sandbox()
                 await box.start(enable_internet=False)
                 assert box.address != other_address
-        finally:
-            other.stdin.close()
-            await asyncio.wait_for(other.wait(), 20)
     run(main())
