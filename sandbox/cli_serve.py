@@ -259,6 +259,44 @@ def exec_command(socket_path, interactive, envs, cwd, user, name, cmd):
     sys.exit(code)
 
 
+# -- logs ------------------------------------------------------------------------------
+
+@cli.command("logs")
+@socket_option
+@click.option("-f", "--follow", is_flag=True, help="keep streaming until the sandbox stops")
+@click.argument("name")
+def logs_command(socket_path, follow, name):
+    """Print the captured stdout/stderr of NAME's entrypoint (to our stdout/stderr)."""
+    client = Client(socket_path)
+    conn = client.connection()
+    url = f"/sandboxes/{_q(name)}/logs" + ("?follow=1" if follow else "")
+    try:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raw = resp.read()
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                obj = None
+            raise_for(resp.status, obj)
+        outs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        for raw in resp:
+            msg = json.loads(raw)
+            if "stream" in msg:
+                out = outs[msg["stream"]]
+                out.write(base64.b64decode(msg["data"]))
+                out.flush()
+            elif any((msg.get("dropped") or {}).values()):
+                d = msg["dropped"]
+                click.echo(f"sandbox: logs: {d.get('stdout', 0)} stdout and {d.get('stderr', 0)} "
+                           "stderr bytes were dropped (ring full)", err=True)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise Failure(f"lost the server at {client.path}: {e}")
+    finally:
+        conn.close()
+
+
 # -- kill, rm, inspect -------------------------------------------------------------
 
 def _parse_signal(text: str) -> int:

@@ -19,9 +19,10 @@ def check_name(name: Any) -> str:
 
 
 def check_signal(signo: Any) -> int:
-    if type(signo) is not int or not 1 <= signo <= 64:
+    # signal.Signals members are ints (IntEnum) and count; a bool does not.
+    if not isinstance(signo, int) or isinstance(signo, bool) or not 1 <= signo <= 64:
         raise ValueError(f"signal must be an int in 1..64, got {signo!r}")
-    return signo
+    return int(signo)
 
 
 def check_port(port: Any) -> int:
@@ -100,3 +101,18 @@ def check_exec(cmd, stdin, stdout, stderr, cwd, env, user) -> ExecArgs:
         if isinstance(user, int) and not 0 <= user < 2**32 - 1:
             raise ValueError(f"invalid UID {user}")
     return ExecArgs(cmd, stdin, stdout, stderr, cwd, env, user)
+
+
+LOG_LIMIT_DEFAULT = 1 << 20
+LOG_LIMIT_MAX = 1 << 30
+
+
+def check_log_limit(value: Any) -> int:
+    """Per-stream entrypoint log ring size: bytes or "<n>[KMG]"; None = 1 MiB."""
+    if value is None:
+        return LOG_LIMIT_DEFAULT
+    from .cgroup_base import parse_size
+    n = parse_size(value)
+    if n > LOG_LIMIT_MAX:
+        raise ValueError(f"log_limit must be at most 1G, got {value!r}")
+    return n

@@ -368,8 +368,7 @@ class Container:
     async def stop(self, signal: int = 15, *, timeout: Optional[float] = None) -> None:
         """Send `signal` to the entrypoint and wait for the exit (and `on_stop`).
         With `timeout`, SIGKILL after that many seconds."""
-        check_signal(signal)
-        await self._stop(signal, "signal", timeout)
+        await self._stop(check_signal(signal), "signal", timeout)
 
     async def _stop(self, signo: int, reason: str, timeout: Optional[float]) -> None:
         watcher = self._watcher

@@ -10,7 +10,7 @@ from typing import Any
 from . import cgroups as _cgroups
 from . import rootfs as _rootfs
 from ._native_api import INIT_PATH
-from .config import check_name
+from .config import check_log_limit, check_name
 from .errors import SandboxError
 from .log import get_logger
 from .network import RuntimeNetwork
@@ -133,7 +133,7 @@ class Runtime:
 
     # -- sandboxes -------------------------------------------------------
     def sandbox(self, name: str | None = None, *, rootfs=None, memory=None, pids=None,
-                cpus=None) -> Sandbox:
+                cpus=None, log_limit=None) -> Sandbox:
         if name is None:
             while True:
                 self._counter += 1
@@ -145,9 +145,10 @@ class Runtime:
             raise ValueError(f"sandbox name {name!r} is already in use")
         root = _rootfs.check_rootfs(rootfs) if rootfs is not None else None
         limits = self._limits(memory, pids, cpus)
+        logs = check_log_limit(log_limit)
         if not self._entered:
             raise SandboxError("the Runtime is not open: use `async with Runtime() as rt`")
-        box = Sandbox(self, name, rootfs=root, limits=limits)
+        box = Sandbox(self, name, rootfs=root, limits=limits, log_limit=logs)
         self._sandboxes[name] = box
         return box
 

@@ -14,6 +14,7 @@ from . import _native_api as native
 from .config import DEFAULT_PATH, check_cmd, check_env, check_exec, check_port, check_signal
 from .errors import ContainerError, ContainerExitError, ExecError, SandboxError, SandboxNotRunning
 from .log import get_logger
+from .logs import DEFAULT_LIMIT as DEFAULT_LOG_LIMIT, LogCapture
 from .outbound import OutboundMixin
 from .proxy.policy import Policy
 from .pidfd import Pidfd, read_error_pipe
@@ -43,10 +44,11 @@ def _ns_pid(host_pid: int) -> int:
 
 
 class Sandbox(OutboundMixin):
-    def __init__(self, runtime: "Runtime", name: str, *, rootfs: str | None, limits: Any):
+    def __init__(self, runtime: "Runtime", name: str, *, rootfs: str | None, limits: Any,
+                 log_limit: int = DEFAULT_LOG_LIMIT):
         self._rt = runtime
-        self.name = name
-        self.id = secrets.token_hex(8)
+        self._name = name
+        self._id = secrets.token_hex(8)
         self._rootfs = rootfs
         self._limits = limits
         self._state = CREATED
@@ -58,6 +60,10 @@ class Sandbox(OutboundMixin):
         self._destroy_msg: str | None = None
         self._destroying = False
         self._cleanup_task: asyncio.Task | None = None
+        # Pipe readers of exited execs still draining what descendants write
+        # (SPEC §10 "Output and descendants"); closed when the sandbox stops.
+        self._drains: set = set()
+        self._logs = LogCapture(log_limit)
         self._lock = asyncio.Lock()
         self.enable_internet = True
         self._oom = False
@@ -66,7 +72,15 @@ class Sandbox(OutboundMixin):
         self.policy = Policy()
         self.ca = None
 
-    # -- read-only facts ------------------------------------------------
+    # -- read-only facts (SPEC §3: assigning raises AttributeError) ------
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def name(self) -> str:
+        return self._name
+
     @property
     def state(self) -> str:
         return self._state
@@ -144,22 +158,39 @@ class Sandbox(OutboundMixin):
             init_argv, init_env = ["sbx-init", "3", "-"], []
         plan = rt._plan(self, res)
         devnull = rt._devnull
-        stdio = stdio or (devnull, rt._stdout_fd, rt._stderr_fd)
-        pid, pidfd, errfd = native.start(
-            netns_fd=res.netns_fd, cgroup_fd=res.cgroup_fd,
-            procs_fds=() if res.cgroup_fd >= 0 else res.procs_fds,
-            hostname=self.name[:64], ops=plan, caps=DEFAULT_CAP_MASK, init_fd=rt._init_fd,
-            init_argv=init_argv, init_env=init_env, stdio=stdio)
+        log_w: tuple[int, ...] = ()
+        if stdio is None:
+            # API sandboxes: the entrypoint's output goes to its own log ring
+            # (SPEC §10 "Entrypoint logs"), never to the runtime's stdio.
+            if entry is not None:
+                log_w = self._logs.open_pipes()
+                stdio = (devnull, *log_w)
+            else:
+                stdio = (devnull, devnull, devnull)
+        try:
+            pid, pidfd, errfd = native.start(
+                netns_fd=res.netns_fd, cgroup_fd=res.cgroup_fd,
+                procs_fds=() if res.cgroup_fd >= 0 else res.procs_fds,
+                hostname=self.name[:64], ops=plan, caps=DEFAULT_CAP_MASK, init_fd=rt._init_fd,
+                init_argv=init_argv, init_env=init_env, stdio=stdio)
+        except BaseException:
+            self._logs.close()
+            raise
+        finally:
+            for w in log_w:
+                os.close(w)
         watcher = Pidfd(pidfd)
         try:
             err = native.parse_error(await read_error_pipe(errfd))
         except BaseException:
             watcher.signal(_signal.SIGKILL)
             await asyncio.shield(watcher.exited)
+            self._logs.close()
             raise
         if err is not None:
             watcher.signal(_signal.SIGKILL)
             await watcher.exited
+            self._logs.close()
             raise err
         self._pid = pid
         self._pidfd = watcher
@@ -181,6 +212,11 @@ class Sandbox(OutboundMixin):
         code = fut.result() if not fut.cancelled() else 137
         self._state = STOPPED
         self._pidfd = None
+        # Every process of the PID namespace died with its init: nothing is
+        # left to drain.
+        for r in list(self._drains):
+            r.close()
+        self._logs.finish()
         outcome = self._outcome_future()
         if not outcome.done():
             outcome.set_result((code, self._destroying, self._destroy_msg))
@@ -236,8 +272,22 @@ class Sandbox(OutboundMixin):
             raise ContainerExitError(code)
         return None
 
+    def logs(self, follow: bool = False):
+        """The entrypoint's captured output as an async iterator of
+        `(stream, bytes)`, oldest first; `follow=True` goes on until the
+        sandbox stops. Bytes pushed out of the ring are counted in
+        `log_dropped`."""
+        if not isinstance(follow, bool):
+            raise TypeError("follow must be a bool")
+        return self._logs.iterate(follow)
+
+    @property
+    def log_dropped(self) -> dict[str, int]:
+        """Bytes per stream dropped from the log ring (oldest first)."""
+        return self._logs.dropped
+
     def signal(self, signo: int) -> None:
-        check_signal(signo)
+        signo = check_signal(signo)
         if self._pidfd is not None:
             self._pidfd.signal(signo)
 
@@ -326,7 +376,7 @@ class Sandbox(OutboundMixin):
             stdin_w_ = None
         log.debug("sandbox.exec", sandbox=self.name, step="exec", pid=ns_pid, host_pid=pid)
         return ExecProcess(host_pid=pid, pid=ns_pid, pidfd=watcher, stdin=stdin_w_,
-                           stdout=out_r, stderr=err_r, feeder=feeder)
+                           stdout=out_r, stderr=err_r, feeder=feeder, drains=self._drains)
 
     def _etc_users_live(self) -> tuple[str, str]:
         if self._rootfs is None:

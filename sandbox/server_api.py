@@ -27,7 +27,7 @@ from .server_json import _handlers, _host_list, _only, _opt, _signo, _stats, det
 # Same logger as the daemon: the events ("server.create", ...) are unchanged.
 log = get_logger("sandbox.server")
 
-CREATE_FIELDS = ("name", "rootfs", "memory", "pids", "cpus", "env", "entrypoint",
+CREATE_FIELDS = ("name", "rootfs", "memory", "pids", "cpus", "log_limit", "env", "entrypoint",
                  "enable_internet", "allowed_hosts", "denied_hosts", "start")
 START_FIELDS = ("env", "entrypoint", "enable_internet")
 EXEC_FIELDS = ("cmd", "cwd", "env", "user", "stdin", "stderr")
@@ -60,6 +60,7 @@ class Endpoints:
                 "exec": {"POST": self.exec},
                 "policy": {"PUT": self.policy},
                 "fetch": {"POST": self.port_fetch},
+                "logs": {"GET": self.logs},
             }.get(p[2], {})
         else:
             table = {}
@@ -118,6 +119,7 @@ class Endpoints:
             raise TypeError("start must be a bool")
         _host_list(o, "allowed_hosts"), _host_list(o, "denied_hosts")
         box = self.rt.sandbox(o.get("name"), rootfs=o.get("rootfs"), memory=o.get("memory"),
+                              log_limit=o.get("log_limit"),
                               pids=o.get("pids"), cpus=o.get("cpus"))
         try:
             hosts = {k: o[k] for k in ("allowed_hosts", "denied_hosts") if o.get(k) is not None}
@@ -187,25 +189,10 @@ class Endpoints:
 
     async def port_fetch(self, req: Request, box):
         """An HTTP request to a port inside the sandbox (SPEC §3 get_tcp_port):
-        {port, method?, path?, headers?, body?: base64} -> {status, headers, body: base64}."""
-        o = await req.json()
-        _only(o, ("port", "method", "path", "headers", "body"), "POST /sandboxes/{name}/fetch")
-        port = o.get("port")
-        path = o.get("path", "/")
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ValueError("path must be a str starting with '/'")
-        headers = o.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise TypeError("headers must be an object")
-        body = base64.b64decode(o["body"]) if o.get("body") else None
-        try:
-            resp = await box.get_tcp_port(port).fetch(path, method=str(o.get("method", "GET")),
-                                                      headers=headers, body=body)
-        except ConnectionRefusedError:
-            raise HttpError(502, f"nothing listens on port {port} inside {box.name}")
-        data = await resp.read()
-        await req.reply(200, {"status": resp.status, "headers": dict(resp.headers.raw_items()),
-                              "body": base64.b64encode(data).decode()})
+        {port, method?, path?, headers?, body?: base64} -> {status, headers, body: base64},
+        streamed (server_fetch.py): the daemon never holds the whole body."""
+        from .server_fetch import port_fetch
+        return await port_fetch(req, box)
 
     async def policy(self, req: Request, box):
         o = await req.json()
@@ -297,6 +284,35 @@ class Endpoints:
         o = {"cmd": req.query.get("cmd"), "cwd": req.q1("cwd"), "user": req.q1("user"),
              "env": env or None, "stderr": req.q1("stderr") or "pipe"}
         return self._exec_args(o)
+
+    async def logs(self, req: Request, box):
+        """The entrypoint's log ring as NDJSON lines like exec's
+        ({"stream", "data" base64}); `?follow=1` streams until the sandbox
+        stops; the last line counts what the ring dropped."""
+        _only(req.query, ("follow",), "logs query")
+        follow = req.q1("follow") in ("1", "true", "yes")
+        conn = req.conn
+        await req.start(200, "application/x-ndjson")
+
+        async def pump() -> None:
+            async for stream, data in box.logs(follow=follow):
+                payload = json.dumps({"stream": stream, "data": base64.b64encode(data).decode()})
+                await conn.send(h11.Data(data=(payload + "\n").encode()))
+
+        pumping = asyncio.ensure_future(pump())
+        gone = asyncio.ensure_future(conn.watch_hangup())
+        try:
+            await asyncio.wait({pumping, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not pumping.done() or pumping.exception() is not None:
+                conn.closed = True
+                return 499
+            await conn.send(h11.Data(data=(json.dumps({"dropped": box.log_dropped}) + "\n").encode()))
+            await conn.send(h11.EndOfMessage())
+            return 200
+        finally:
+            for t in (pumping, gone):
+                t.cancel()
+            await asyncio.gather(pumping, gone, return_exceptions=True)
 
     async def exec(self, req: Request, box):
         conn = req.conn
