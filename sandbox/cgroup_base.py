@@ -106,6 +106,11 @@ def v1_limit_writes(limits: Limits) -> list[tuple[str, str, str]]:
     return [
         ("memory", "memory.limit_in_bytes", str(limits.memory)),
         ("memory", "memory.memsw.limit_in_bytes", str(limits.memory)),
+        # v1 charges socket buffers to the cgroup only once a TCP limit is
+        # set (v2 always does): without it a 64M sandbox held 607 MiB of the
+        # host's TCP memory. The same bound as memory; the kernel then also
+        # counts it under memory.limit_in_bytes' pressure.
+        ("memory", "memory.kmem.tcp.limit_in_bytes", str(limits.memory)),
         ("pids", "pids.max", str(limits.pids)),
         ("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)),
         ("cpu", "cpu.cfs_quota_us", str(-1 if quota is None else quota)),

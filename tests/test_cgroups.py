@@ -150,6 +150,7 @@ def test_limit_plans():
     assert cgroups.v1_limit_writes(lim) == [
         ("memory", "memory.limit_in_bytes", str(64 * MiB)),
         ("memory", "memory.memsw.limit_in_bytes", str(64 * MiB)),
+        ("memory", "memory.kmem.tcp.limit_in_bytes", str(64 * MiB)),
         ("pids", "pids.max", "16"),
         ("cpu", "cpu.cfs_period_us", "100000"), ("cpu", "cpu.cfs_quota_us", "50000")]
     assert cgroups.v1_limit_writes(Limits())[-1] == ("cpu", "cpu.cfs_quota_us", "-1")
