@@ -7,22 +7,31 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# Static helpers next to the package, static so they run in any rootfs:
+# sbx-init is PID 1 of every sandbox; sbx-exec joins a running sandbox for
+# an exec (csrc/exechelper.c), so that nothing sharing the runtime's memory does.
+HELPERS = {
+    "sbx-init": ("init.c", "proc.c"),
+    "sbx-exec": ("exechelper.c", "proc.c", "caps.c", "seccomp.c", "ns.c"),
+}
+
+
 class BuildExtWithInit(build_ext):
-    """Also builds csrc/init.c into a static `sbx-init` next to the package:
-    PID 1 of every sandbox, static so it runs in any rootfs."""
+    """Also builds the static HELPERS."""
 
     def run(self):
         super().run()
-        srcs = [os.path.join(HERE, "csrc", s) for s in ("init.c", "proc.c")]
-        targets = {os.path.join(HERE, "sandbox", "sbx-init")}
-        if not self.inplace and not getattr(self, "editable_mode", False):
-            targets.add(os.path.join(self.build_lib, "sandbox", "sbx-init"))
         cc = os.environ.get("CC", "cc")
-        for out in targets:
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            subprocess.check_call([cc, "-O2", "-static", "-Wall", "-Wextra", "-Werror",
-                                   "-std=gnu11", "-I", os.path.join(HERE, "csrc"),
-                                   "-o", out, *srcs])
+        for name, sources in HELPERS.items():
+            srcs = [os.path.join(HERE, "csrc", s) for s in sources]
+            targets = {os.path.join(HERE, "sandbox", name)}
+            if not self.inplace and not getattr(self, "editable_mode", False):
+                targets.add(os.path.join(self.build_lib, "sandbox", name))
+            for out in targets:
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                subprocess.check_call([cc, "-O2", "-static", "-Wall", "-Wextra", "-Werror",
+                                       "-std=gnu11", "-I", os.path.join(HERE, "csrc"),
+                                       "-o", out, *srcs])
 
 
 setup(
@@ -32,7 +41,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["sandbox", "sandbox.*", "netns", "netns.*"]),
-    package_data={"sandbox": ["sbx-init"]},
+    package_data={"sandbox": list(HELPERS)},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build.py:ffibuilder"],
     install_requires=[

@@ -101,22 +101,19 @@ struct sbx_start {
     int stderr_fd;
 };
 
-struct sbx_exec {
-    int ns_pidfd;         /* pidfd of the sandbox's PID 1 */
-    int cgroup_fd;
-    const int *procs_fds;
-    int nprocs;
-    uint64_t caps;
-    struct sbx_proc proc;
-};
-
 int sbx_abi_version(void);
 /* Clones PID 1 of a new sandbox. Returns its host pid; *pidfd and *errfd
  * (the read end of the error pipe) belong to the caller. */
 int sbx_start(const struct sbx_start *s, int *pidfd, int *errfd);
-/* Starts one process inside the sandbox of s->ns_pidfd as a child of the
- * caller. Returns its host pid. */
-int sbx_exec(const struct sbx_exec *x, int *pidfd, int *errfd);
+/* -- exec (csrc/exec.c; the helper is csrc/exechelper.c, sbx-exec) --------
+ * vfork-execs the executable exe_fd (a sealed memfd) with fds[i] on fd i and
+ * nothing else open. Returns its pid and *pidfd, or -errno if it could not
+ * exec. The caller reaps it (asynchronously). */
+int sbx_spawn(int exe_fd, const char *const *argv, const char *const *envp,
+              const int *fds, int nfds, int *pidfd);
+/* PR_SET_DUMPABLE; returns the flag now in force. */
+int sbx_set_dumpable(int on);
+/* -- end of exec ------------------------------------------------------------ */
 int sbx_pidfd_signal(int pidfd, int sig);
 /* 0 with *code (0..255, 128+N for signal N) once exited; -EAGAIN before. */
 int sbx_pidfd_wait(int pidfd, int *code);

@@ -29,6 +29,7 @@ ERR_RECORD = struct.Struct("iii244s")
 
 OP_MOUNT, OP_MKDIR, OP_FILE, OP_SYMLINK, OP_PIVOT, OP_UMOUNT = 1, 2, 3, 4, 5, 6
 INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbx-init")
+EXEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbx-exec")
 
 
 def check(ret: int, step: str, detail: str = "") -> int:
@@ -137,31 +138,40 @@ def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: 
     return pid, pidfd[0], errfd[0]
 
 
-def exec_(*, ns_pidfd: int, cgroup_fd: int, procs_fds: Sequence[int], caps: int,
-          proc: ProcSpec, stdio: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Starts a process inside a sandbox. Returns (pid, pidfd, errfd); pid 0
-    (pidfd -1) when the intermediate failed: the reason is on errfd."""
+def exec_argv(proc: ProcSpec, caps: int, nprocs: int) -> list[str]:
+    """The sbx-exec helper's plan, as its argv (csrc/exechelper.c): the kernel
+    copies it into the helper's own address space at execve."""
+    return ["sbx-exec", str(nprocs), str(caps), str(proc.uid), str(proc.gid), proc.cwd, proc.path,
+            str(len(proc.groups)), *map(str, proc.groups), "--", *proc.argv]
+
+
+def spawn_exec(*, exe_fd: int, ns_pidfd: int, procs_fds: Sequence[int], caps: int,
+               proc: ProcSpec, stdio: tuple[int, int, int], report_fd: int) -> int:
+    """vfork-execs the sbx-exec helper (exe_fd), which joins the sandbox of
+    ns_pidfd and forks the process as our child. Returns the helper's pidfd
+    (the caller reaps it); the process's pid and any failure arrive on
+    report_fd's pipe (parse_report)."""
     k = _Keep()
-    x = ffi.new("struct sbx_exec *")
-    x.ns_pidfd = ns_pidfd
-    x.cgroup_fd = cgroup_fd
-    x.procs_fds = k.ints(procs_fds)
-    x.nprocs = len(procs_fds)
-    x.caps = caps
-    p = x.proc
-    p.argv = k.argv(proc.argv)
-    p.envp = k.argv(proc.env)
-    p.path = k.s(proc.path)
-    p.cwd = k.s(proc.cwd)
-    p.uid = proc.uid
-    p.gid = proc.gid
-    p.groups = k.ints(proc.groups, "unsigned int[]")
-    p.ngroups = len(proc.groups)
-    p.stdin_fd, p.stdout_fd, p.stderr_fd = stdio
+    fds = [*stdio, report_fd, ns_pidfd, *procs_fds]
     pidfd = ffi.new("int *", -1)
-    errfd = ffi.new("int *", -1)
-    pid = check(lib.sbx_exec(x, pidfd, errfd), "fork")
-    return pid, pidfd[0], errfd[0]
+    r = lib.sbx_spawn(exe_fd, k.argv(exec_argv(proc, caps, len(procs_fds))), k.argv(proc.env),
+                      k.ints(fds), len(fds), pidfd)
+    if r < 0:
+        raise ExecError(-r, "fork", "sbx-exec")
+    return pidfd[0]
+
+
+def parse_report(record: bytes) -> tuple[int, ExecError | None]:
+    """One record of sbx-exec's report: (host pid, None) when the process
+    was created, (0, error) for a failed step."""
+    step, err, index, _ = ERR_RECORD.unpack(record[:ERR_RECORD.size])
+    if step == 0:
+        return (index if index > 0 else 0), None
+    return 0, parse_error(record)
+
+
+def set_dumpable(on: bool) -> int:
+    return check(lib.sbx_set_dumpable(1 if on else 0), "prctl")
 
 
 def pidfd_signal(pidfd: int, sig: int) -> bool:

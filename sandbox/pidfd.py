@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 
 from . import _native_api as native
+from .errors import ExecError
 
 
 class Pidfd:
@@ -81,3 +83,86 @@ async def read_error_pipe(fd: int) -> bytes:
         loop.remove_reader(fd)
         os.close(fd)
     return bytes(buf)
+
+
+async def read_records(fd: int, size: int, on_record, max_records: int) -> None:
+    """Reads fixed-size records from a pipe until EOF without blocking the
+    loop, calling on_record(bytes) as soon as each one is complete; closes
+    fd. At most max_records are kept: what a misbehaving writer sends beyond
+    is read and dropped, so memory stays bounded."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    buf = bytearray()
+    seen = 0
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                ready = loop.create_future()
+                loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+                continue
+            if not chunk:
+                return
+            if seen >= max_records:
+                continue
+            buf += chunk
+            while len(buf) >= size and seen < max_records:
+                record = bytes(buf[:size])
+                del buf[:size]
+                seen += 1
+                on_record(record)
+    finally:
+        os.close(fd)
+
+
+def ns_pid(pidfd: int) -> int:
+    """The PID inside the process's own namespace, from our own fdinfo of its
+    pidfd (no read of anything the process controls); 0 once it was reaped."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return max(0, int(line.split()[-1]))
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+@dataclass
+class ExecReport:
+    """What sbx-exec and the process it started reported (csrc/exechelper.c)."""
+    pid: int = 0                  # host pid of the process, 0 if none was created
+    ns_pid: int = 0
+    watcher: Pidfd | None = None  # reaps the process
+    error: ExecError | None = None
+    helper_code: int = -1
+
+
+async def exec_report(helper_pidfd: int, report_fd: int) -> ExecReport:
+    """Follows one exec to its end, asynchronously: the report pipe to EOF
+    (the helper exited and the process exec'd, failed or died) and the
+    helper's exit. The process's pidfd is opened the moment its pid arrives:
+    it is our child (CLONE_PARENT), so nobody else can reap it and its pid
+    cannot be reused before we do. Whatever the sandbox does (SIGSTOP
+    included) only delays this coroutine, never the event loop."""
+    helper = Pidfd(helper_pidfd)
+    rep = ExecReport()
+
+    def on_record(record: bytes) -> None:
+        pid, err = native.parse_report(record)
+        if pid and rep.watcher is None:
+            fd = os.pidfd_open(pid)
+            rep.pid, rep.ns_pid = pid, ns_pid(fd)
+            rep.watcher = Pidfd(fd)
+        elif err is not None and rep.error is None:
+            rep.error = err
+
+    # two records at most: the helper's, and the process's if it failed
+    await read_records(report_fd, native.ERR_RECORD.size, on_record, max_records=2)
+    rep.helper_code = await helper.exited
+    return rep

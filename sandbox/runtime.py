@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -9,7 +11,8 @@ from typing import Any
 
 from . import cgroups as _cgroups
 from . import rootfs as _rootfs
-from ._native_api import INIT_PATH
+from . import _native_api as native
+from ._native_api import EXEC_PATH, INIT_PATH
 from .config import check_log_limit, check_name
 from .errors import SandboxError
 from .log import get_logger
@@ -35,6 +38,43 @@ class Resources:
     closers: list = field(default_factory=list)
 
 
+_MFD_EXEC = 0x0010          # linux >= 6.3: say so, or vm.memfd_noexec may refuse the exec
+_F_SEAL_EXEC = 0x0020       # linux >= 6.3: the mode's exec bits are frozen too
+
+
+def sealed_executable(path: str) -> int:
+    """A CLOEXEC memfd holding a copy of the executable at path, sealed
+    against any write, resize or further sealing (F_SEAL_SEAL|SHRINK|GROW|
+    WRITE, and EXEC where the kernel has it). Executed with execveat(fd, "",
+    AT_EMPTY_PATH): what runs is exactly what was loaded here, and no process
+    of a sandbox can change it through /proc/PID/exe, whatever its rights."""
+    with open(path, "rb") as f:
+        data = f.read()
+    name = os.path.basename(path)
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        fd = os.memfd_create(name, flags | _MFD_EXEC)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fd = os.memfd_create(name, flags)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | _F_SEAL_EXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Runtime:
     def __init__(self, state_dir: str = "/run/sandbox", resolver: str | None = None):
         if not isinstance(state_dir, (str, os.PathLike)):
@@ -49,6 +89,7 @@ class Runtime:
         self.tag = "r" + secrets.token_hex(3)   # nft identifiers start with a letter
         self._sandboxes: dict[str, Sandbox] = {}
         self._init_fd = -1
+        self._exec_fd = -1
         self._devnull = -1
         self._stdout_fd = 1
         self._stderr_fd = 2
@@ -77,10 +118,20 @@ class Runtime:
         self._scratch_dir = os.path.join(self.state_dir, ".scratch")
         for d in (self._root_dir, self._scratch_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        try:
-            self._init_fd = os.open(INIT_PATH, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SandboxError(f"cannot open {INIT_PATH} ({e.strerror}); rebuild: pip install -e .") from e
+        # Nothing a sandbox does may reach this process's memory: /proc/PID/
+        # {mem,environ,fd} of a non-dumpable process need CAP_SYS_PTRACE
+        # (runc does the same since CVE-2019-5736). Kept for the process's
+        # life: what it holds stays in memory after close().
+        native.set_dumpable(False)
+        # PID 1 and the exec helper run from sealed in-memory copies, made once
+        # per Runtime: /proc/1/exe inside is never a writable host file.
+        for attr, path in (("_init_fd", INIT_PATH), ("_exec_fd", EXEC_PATH)):
+            try:
+                setattr(self, attr, sealed_executable(path))
+            except OSError as e:
+                self._close_exes()
+                raise SandboxError(f"cannot load {path} ({e.strerror}); "
+                                   "rebuild: pip install -e .") from e
         self._devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self._cgroup_backend = _cgroups.default_backend()
         self._parts: dict[str, set] = {}
@@ -124,12 +175,18 @@ class Runtime:
             # Only when everything it lists is gone: otherwise gc finishes it.
             self._state.close()
         self._state = None
-        for fd in (self._devnull, self._init_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._devnull = self._init_fd = -1
+        if self._devnull >= 0:
+            os.close(self._devnull)
+        self._devnull = -1
+        self._close_exes()
         if first is not None:
             raise first
+
+    def _close_exes(self) -> None:
+        for fd in (self._init_fd, self._exec_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._init_fd = self._exec_fd = -1
 
     # -- sandboxes -------------------------------------------------------
     def sandbox(self, name: str | None = None, *, rootfs=None, memory=None, pids=None,

@@ -17,7 +17,7 @@ from .log import get_logger
 from .logs import DEFAULT_LIMIT as DEFAULT_LOG_LIMIT, LogCapture
 from .outbound import OutboundMixin
 from .proxy.policy import Policy
-from .pidfd import Pidfd, read_error_pipe
+from .pidfd import Pidfd, exec_report, read_error_pipe
 from .process import ExecProcess, feed_stdin, open_reader, open_writer
 from .security import DEFAULT_CAP_MASK
 from .users import Identity, resolve
@@ -31,16 +31,14 @@ log = get_logger("sandbox")
 CREATED, RUNNING, STOPPED = "created", "running", "stopped"
 
 
-def _ns_pid(host_pid: int) -> int:
-    """The PID inside the sandbox, from the host's /proc (NSpid, last field)."""
-    try:
-        with open(f"/proc/{host_pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"NSpid:"):
-                    return int(line.split()[-1])
-    except OSError:
-        pass
-    return 0
+def _kill_abandoned(job: asyncio.Future) -> None:
+    """An exec whose caller went away: the process it started (if any) is
+    killed; its watcher reaps it."""
+    if job.cancelled() or job.exception() is not None:
+        return
+    watcher = job.result().watcher
+    if watcher is not None:
+        watcher.signal(_signal.SIGKILL)
 
 
 class Sandbox(OutboundMixin):
@@ -328,10 +326,13 @@ class Sandbox(OutboundMixin):
                 err_fd = out_fd
             else:
                 err_fd = devnull
-            res = self._res
-            pid, pidfd, errfd = native.exec_(
-                ns_pidfd=self._pidfd.fd, cgroup_fd=res.cgroup_fd, procs_fds=res.procs_fds,
-                caps=DEFAULT_CAP_MASK, proc=proc, stdio=(in_fd, out_fd, err_fd))
+            # The report pipe: sbx-exec's "created pid N" and any failure.
+            rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
+            child_fds.append(rep_w)
+            parent_fds.append(rep_r)
+            helper = native.spawn_exec(
+                exe_fd=self._rt._exec_fd, ns_pidfd=self._pidfd.fd, procs_fds=self._res.procs_fds,
+                caps=DEFAULT_CAP_MASK, proc=proc, stdio=(in_fd, out_fd, err_fd), report_fd=rep_w)
         except BaseException:
             for fd in parent_fds:
                 os.close(fd)
@@ -339,20 +340,29 @@ class Sandbox(OutboundMixin):
         finally:
             for fd in child_fds:
                 os.close(fd)
-        if pid == 0:
+        parent_fds.remove(rep_r)             # exec_report closes it
+        # Followed in a task of its own: if this call is cancelled, the task
+        # still learns the pid (when the sandbox lets the process get that
+        # far) and kills and reaps it, so nothing is left behind.
+        job = asyncio.ensure_future(exec_report(helper, rep_r))
+        try:
+            rep = await asyncio.shield(job)
+        except BaseException:
             for fd in parent_fds:
                 os.close(fd)
-            err = native.parse_error(await read_error_pipe(errfd))
-            # Joining or forking into a PID namespace whose init is gone fails
-            # with ESRCH/ENOMEM: the sandbox stopped under us.
-            if self._state != RUNNING or (err is not None and err.step in ("setns", "fork")
-                                          and err.errno in (errno.ESRCH, errno.ENOMEM, errno.EINVAL)):
-                raise SandboxNotRunning(f"sandbox {self.name} is not running")
-            raise err or ExecError(0, "fork")
-        ns_pid = _ns_pid(pid)   # before yielding: the process cannot be reaped yet
-        watcher = Pidfd(pidfd)
+            job.add_done_callback(_kill_abandoned)
+            raise
+        pid, watcher, err = rep.pid, rep.watcher, rep.error
         try:
-            err = native.parse_error(await read_error_pipe(errfd))
+            if watcher is None:
+                # Joining or forking into a PID namespace whose init is gone
+                # fails with ESRCH/ENOMEM: the sandbox stopped under us.
+                if self._state != RUNNING or (
+                        err is not None and err.step in ("setns", "fork")
+                        and err.errno in (errno.ESRCH, errno.ENOMEM, errno.EINVAL)):
+                    raise SandboxNotRunning(f"sandbox {self.name} is not running")
+                raise err or ExecError(errno.ECHILD, "fork",
+                                       f"sbx-exec ended with status {rep.helper_code}, no report")
             if err is not None:
                 await watcher.exited
                 raise err
@@ -369,7 +379,10 @@ class Sandbox(OutboundMixin):
         except BaseException:
             for fd in parent_fds:
                 os.close(fd)
+            if watcher is not None and not watcher.exited.done():
+                watcher.signal(_signal.SIGKILL)    # reaped by its own watcher
             raise
+        ns_pid = rep.ns_pid
         feeder = None
         if a.stdin is not None and a.stdin != "pipe":
             feeder = asyncio.ensure_future(feed_stdin(stdin_w_, a.stdin))
