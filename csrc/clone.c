@@ -4,7 +4,14 @@
  * child, one explicit ordered setup list; the child finally execveat()s the
  * static sbx-init binary (opened by the parent) so PID 1 is a tiny process and
  * not a copy-on-write image of the Python runtime. Any failure is reported as
- * one sbx_err record on the CLOEXEC error pipe and the child exits. */
+ * one sbx_err record on the CLOEXEC error pipe and the child exits.
+ *
+ * Terminals: PID 1 starts a session of its own (setsid) before anything
+ * else, so no process of the sandbox ever has the runtime's controlling
+ * terminal — /dev/tty gives ENXIO and TIOCSTI/job-control ioctls cannot
+ * reach the operator's tty through an inherited fd. With a console (as
+ * `docker run -t`), the sandbox gets a pty of its own instead; sbx-init makes
+ * it the entrypoint's controlling terminal in the entrypoint's own session. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -16,8 +23,11 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <termios.h>
 #include <unistd.h>
 #include "sbx.h"
 
@@ -31,12 +41,91 @@ static void fail(int errfd, int step, int err, int index, const char *detail)
     _exit(1);
 }
 
+static int send_fd(int sock, int fd)
+{
+    char byte = 'm';
+    struct iovec iov = {&byte, 1};
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } u;
+    memset(&u, 0, sizeof u);
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = sizeof u.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    ssize_t n;
+    do {
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : 0;
+}
+
+/* The console: a pty on the sandbox's own devpts instance (mounted with
+ * newinstance by the plan, so it is reachable after pivot_root and shares
+ * nothing with the host's ptys). The slave becomes 0..2 — opened O_NOCTTY:
+ * PID 1 must not own it; sbx-init hands it to the entrypoint as its
+ * controlling terminal — and the master goes to the runtime, which relays it
+ * to the operator's terminal. TIOCGPTPEER opens the slave from the master
+ * itself, so no path lookup can be raced. No copy of the master stays here. */
+static int console(int sock, const char **what)
+{
+    *what = "console socket";
+    if (sock < 3 && (sock = fcntl(sock, F_DUPFD_CLOEXEC, 3)) < 0)
+        return -errno;     /* 0..2 are about to be replaced */
+    *what = "/dev/pts/ptmx";
+    int m = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0)
+        return -errno;
+    int unlock = 0, sl = -1, r;
+    *what = "unlockpt";
+    if (ioctl(m, TIOCSPTLCK, &unlock) < 0)
+        goto fail;
+    *what = "pty slave";
+    if ((sl = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
+        goto fail;
+    *what = "console stdio";
+    if ((r = sbx_proc_stdio(sl, sl, sl)) < 0) {
+        errno = -r;
+        goto fail;
+    }
+    if (sl > 2)
+        close(sl);
+    sl = -1;
+    *what = "console socket";
+    if ((r = send_fd(sock, m)) < 0) {
+        errno = -r;
+        goto fail;
+    }
+    close(m);
+    close(sock);
+    return 0;
+fail:
+    r = -errno;
+    if (sl > 2)
+        close(sl);
+    close(m);
+    return r;
+}
+
 /* The ordered setup list (DESIGN §6.4). Never returns. */
 static void child(const struct sbx_start *s, int errfd)
 {
     int r, idx;
     /* Die with the runtime instead of outliving it unsupervised. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    /* A fresh process is never a group leader, so this cannot fail in
+     * practice; checked anyway: a sandbox in the runtime's session could
+     * reach the operator's terminal (TIOCSTI, /dev/tty). */
+    if (setsid() < 0)
+        fail(errfd, SBX_STEP_STDIO, -errno, -1, "setsid");
 
     if (s->netns_fd >= 0) {
         if ((r = sbx_setns(s->netns_fd, CLONE_NEWNET)) < 0)
@@ -61,7 +150,11 @@ static void child(const struct sbx_start *s, int errfd)
     if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
         fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, s->hostname);
 
-    if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
+    if (s->console_fd >= 0) {
+        const char *what = NULL;
+        if ((r = console(s->console_fd, &what)) < 0)
+            fail(errfd, SBX_STEP_STDIO, r, -1, what);
+    } else if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
         fail(errfd, SBX_STEP_STDIO, r, -1, NULL);
 
     if ((r = sbx_caps_apply(s->caps)) < 0)

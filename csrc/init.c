@@ -10,15 +10,23 @@
  *
  * A signal sent to PID 1 from outside its namespace is dropped by the kernel
  * when the disposition is SIG_DFL, even if blocked: so every signal gets a
- * (never run) handler, is blocked, and is collected with rt_sigtimedwait. */
+ * (never run) handler, is blocked, and is collected with rt_sigtimedwait.
+ *
+ * Sessions: the entrypoint leads a session of its own (PID 1 leads another,
+ * with no terminal at all). When its stdin is a terminal — the console pty
+ * the runtime made for this sandbox — it becomes the session's controlling
+ * terminal, so `tty`, /dev/tty, job control and ^C work as on a login. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 #include "sbx.h"
 
@@ -41,6 +49,34 @@ static void take_all_signals(void)
             continue;
         syscall(SYS_rt_sigaction, s, &ka, NULL, 8);
     }
+}
+
+/* True when fd is a pty slave of this sandbox's own devpts instance (the
+ * console), not a terminal the API caller passed in as stdio. */
+static int own_pty(int fd)
+{
+    struct stat a, b;
+    return fstat(fd, &a) == 0 && stat("/dev/pts/ptmx", &b) == 0 && a.st_dev == b.st_dev;
+}
+
+/* In the entrypoint child, before its identity changes. A new session can
+ * only fail for a group leader, which a fresh child is not. TIOCSCTTY with
+ * arg 0 never steals a terminal that is already some session's controlling
+ * terminal (the operator's, say): that fails with EPERM and the entrypoint
+ * just runs without one. */
+static int new_session(const struct sbx_proc *p)
+{
+    if (setsid() < 0)
+        return -errno;
+    if (isatty(0)) {
+        (void)ioctl(0, TIOCSCTTY, 0);
+        /* As a login would: the user owns its terminal (so a non-root
+         * entrypoint may reopen /dev/pts/N). Only our own pty, never one
+         * from the host. */
+        if (p->uid != 0 && own_pty(0))
+            (void)fchown(0, (uid_t)p->uid, (gid_t)-1);
+    }
+    return 0;
 }
 
 static int status_code(int st)
@@ -92,8 +128,10 @@ int main(int argc, char **argv, char **envp)
             return 125;
         }
         if (entry == 0) {
-            int step;
-            int r = sbx_proc_exec(&p, &step);
+            int step = SBX_STEP_STDIO;
+            int r = new_session(&p);
+            if (r == 0)
+                r = sbx_proc_exec(&p, &step);
             sbx_err_write(errfd, step, -r, -1, step == SBX_STEP_CHDIR ? p.cwd : p.argv[0]);
             _exit(127);
         }

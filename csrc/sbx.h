@@ -119,6 +119,11 @@ int sbx_pidfd_signal(int pidfd, int sig);
 int sbx_pidfd_wait(int pidfd, int *code);
 int sbx_setns(int fd, int nstype);
 int sbx_unshare(int flags);
+    /* -1, or one end of a unix socket: the child then makes a pty on the
+     * sandbox's own devpts, puts the slave on 0..2 (stdin_fd..stderr_fd are
+     * ignored) and sends the master back over it (SCM_RIGHTS) before it
+     * execs sbx-init. (tty/session block) */
+    int console_fd;
 /* CDEF END */
 
 /* Internal, shared by the C files (not part of the cdef). */

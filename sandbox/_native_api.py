@@ -116,8 +116,11 @@ def _fill_ops(keep: _Keep, ops: Sequence[MountOp]):
 
 def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: str,
           ops: Sequence[MountOp], caps: int, init_fd: int, init_argv: Sequence[str],
-          init_env: Sequence[str], stdio: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Clones PID 1. Returns (pid, pidfd, errfd)."""
+          init_env: Sequence[str], stdio: tuple[int, int, int],
+          console_fd: int = -1) -> tuple[int, int, int]:
+    """Clones PID 1. Returns (pid, pidfd, errfd). With console_fd (a unix
+    socket) the child sends the master of its console pty over it; stdio is
+    then unused."""
     k = _Keep()
     s = ffi.new("struct sbx_start *")
     s.netns_fd = netns_fd
@@ -137,6 +140,7 @@ def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: 
     pid = check(lib.sbx_start(s, pidfd, errfd), "clone")
     return pid, pidfd[0], errfd[0]
 
+    s.console_fd = console_fd
 
 def exec_argv(proc: ProcSpec, caps: int, nprocs: int) -> list[str]:
     """The sbx-exec helper's plan, as its argv (csrc/exechelper.c): the kernel

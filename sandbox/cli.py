@@ -63,7 +63,10 @@ def cli(ctx, state_dir, log_format, debug):
 @click.pass_context
 def run(ctx, rootfs, envs, no_internet, allow_host, deny_host, memory, pids, cpus, name, cwd,
         user, resolver, interactive, cmd):
-    """Run CMD as the entrypoint of one sandbox in the foreground."""
+    """Run CMD as the entrypoint of one sandbox in the foreground.
+
+    When stdin is a terminal, CMD gets a terminal of its own (a pty of the
+    sandbox, as `docker run -t`), relayed to this one in raw mode."""
     env = _env_pairs(envs)
     user_v = int(user) if user is not None and user.isdigit() else user
     code = asyncio.run(_run(ctx.obj, dict(
@@ -74,7 +77,7 @@ def run(ctx, rootfs, envs, no_internet, allow_host, deny_host, memory, pids, cpu
 
 
 async def _run(obj, o) -> int:
-    from . import ContainerExitError, ExecError, Runtime, SandboxError
+    from . import ExecError, Runtime
     loop = asyncio.get_running_loop()
     try:
         rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"])
@@ -83,16 +86,31 @@ async def _run(obj, o) -> int:
     box = None
     pending: list[int] = []
     interrupts = 0
+    # On a terminal the sandbox gets a pty of its own; it never sees an fd
+    # of ours (SPEC §9: TIOCSTI into the operator's shell).
+    tty_mode = os.isatty(0)
+    relay = None
 
     def forward(sig):
         # Installed before anything exists, so a signal during start-up is
         # never fatal to the runtime (which would leak what it made): it is
         # held and delivered once the entrypoint runs.
         nonlocal interrupts
+        if tty_mode and sig == signal.SIGWINCH:
+            # The pty's line discipline signals the sandbox's foreground job.
+            if relay is not None:
+                relay.resize()
+            return
         if sig == signal.SIGINT:
             interrupts += 1
             if interrupts > 1 and box is not None:   # a second Ctrl-C: stop waiting politely
                 asyncio.ensure_future(box.destroy())
+                return
+            if tty_mode:
+                # ^C reaches the sandbox as a byte through the raw terminal
+                # and its pty signals only its foreground job; a SIGINT sent
+                # to the runtime itself (kill) is not passed on: it would hit
+                # the entrypoint, whatever job is in the foreground.
                 return
         if box is not None and box.running:
             box.signal(int(sig))
@@ -111,7 +129,8 @@ async def _run(obj, o) -> int:
                 raise click.UsageError(str(e))
             try:
                 await box.start(env=o["env"], entrypoint=o["cmd"], enable_internet=o["internet"],
-                                cwd=o["cwd"], user=o["user"], stdio=(0, 1, 2))
+                                cwd=o["cwd"], user=o["user"],
+                                stdio=None if tty_mode else (0, 1, 2), console=tty_mode)
             except ExecError as e:
                 if e.step == "execve" and e.errno in (errno.ENOENT, errno.ENOTDIR):
                     raise Failure(f"{o['cmd'][0]}: command not found", 127)
@@ -120,18 +139,36 @@ async def _run(obj, o) -> int:
                 raise Failure(str(e))
             except ValueError as e:
                 raise click.UsageError(str(e))
-            for sig in pending:
-                box.signal(sig)
+            if not tty_mode:
+                for sig in pending:
+                    box.signal(sig)
+                return await _wait(box)
+            from .console import TerminalRelay
+            master = os.dup(box.console_fd)   # ours: the sandbox closes its own at release
             try:
-                await box.monitor()
-                return 0
-            except ContainerExitError as e:
-                return e.exit_code
-            except SandboxError as e:
-                raise Failure(str(e))
+                with TerminalRelay(master) as relay:
+                    for sig in pending:
+                        box.signal(sig)
+                    code = await _wait(box)
+                    await relay.drain(timeout=5.0)
+                    return code
+            finally:
+                relay = None
+                os.close(master)
     finally:
         for s in FORWARDED:
             loop.remove_signal_handler(s)
+
+
+async def _wait(box) -> int:
+    from . import ContainerExitError, SandboxError
+    try:
+        await box.monitor()
+        return 0
+    except ContainerExitError as e:
+        return e.exit_code
+    except SandboxError as e:
+        raise Failure(str(e))
 
 
 def _apply_hosts(box, o) -> None:

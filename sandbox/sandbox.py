@@ -7,6 +7,7 @@ import errno
 import os
 import secrets
 import signal as _signal
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -111,14 +112,37 @@ class Sandbox(OutboundMixin):
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, env=None, entrypoint=None, enable_internet: bool = True, *,
+    # -- console (a pty of the sandbox's own, as `docker run -t`) -----------
+    _console_fd = -1
+
+    @property
+    def console_fd(self) -> int | None:
+        """The master of the entrypoint's terminal after `start(console=True)`,
+        else None. Owned by the Sandbox: it is closed when the sandbox's
+        resources are released (right after it stops, or on destroy) — os.dup()
+        it to keep reading the last output past the exit."""
+        return self._console_fd if self._console_fd >= 0 else None
+
+    def _close_console(self, fd: int) -> None:
+        if self._console_fd == fd:
+            self._console_fd = -1
+        os.close(fd)
+
                     cwd: str | None = None, user: str | int | None = None,
-                    stdio: tuple[int, int, int] | None = None) -> None:
+                    stdio: tuple[int, int, int] | None = None, console: bool = False) -> None:
+        """`console=True` (an extra of this runtime, not in the contract): the
+        entrypoint runs on a new pty — its stdin/stdout/stderr and controlling
+        terminal, in a session of its own — whose master is `console_fd`."""
         env = check_env(env)
         entry = check_cmd(entrypoint, "entrypoint") if entrypoint is not None else None
         if not isinstance(enable_internet, bool):
             raise TypeError("enable_internet must be a bool")
         if cwd is not None and (not isinstance(cwd, str) or "\0" in cwd):
             raise ValueError("cwd must be a str without NUL")
+        if not isinstance(console, bool):
+            raise TypeError("console must be a bool")
+        if console and stdio is not None:
+            raise ValueError("console and stdio exclude each other")
         async with self._lock:
             if self._state == RUNNING:
                 raise SandboxError(f"sandbox {self.name} is already running")
@@ -135,16 +159,51 @@ class Sandbox(OutboundMixin):
                 self._outcome = asyncio.get_running_loop().create_future()
             self._res = await self._rt._acquire(self, enable_internet)
             try:
-                await self._spawn(entry, cwd, user, stdio)
+                if console:
+                    await self._spawn_console(entry, cwd, user)
+                else:
+                    await self._spawn(entry, cwd, user, stdio)
             except BaseException:
                 res, self._res = self._res, None
-                await self._rt._release(self, res)
+                if res is not None:
+                    await self._rt._release(self, res)
+                # (None when PID 1 already ran and its exit released them)
                 raise
             self._state = RUNNING
             log.debug("sandbox.start", sandbox=self.name, id=self.id, step="start", pid=self._pid,
                       ms=round((time.perf_counter() - t0) * 1000, 2))
 
-    async def _spawn(self, entry, cwd, user, stdio) -> None:
+    async def _spawn_console(self, entry, cwd, user) -> None:
+        """_spawn with a console: the C child makes the pty on the sandbox's
+        devpts and sends its master over a socket pair before it execs
+        sbx-init, so once start succeeded the master is already queued."""
+        sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            try:
+                null = self._rt._devnull
+                await self._spawn(entry, cwd, user, (null, null, null), console_fd=child.fileno())
+            finally:
+                child.close()
+            try:
+                _, fds, _, _ = socket.recv_fds(sock, 1, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+                for extra in fds[1:]:
+                    os.close(extra)
+                if not fds:
+                    raise SandboxError(f"sandbox {self.name}: no console from its init")
+            except BaseException as e:
+                watcher = self._pidfd
+                if watcher is not None:
+                    watcher.signal(_signal.SIGKILL)
+                    await asyncio.shield(watcher.exited)
+                if isinstance(e, OSError):
+                    raise SandboxError(f"sandbox {self.name}: no console from its init ({e})") from e
+                raise
+        finally:
+            sock.close()
+        fd = self._console_fd = fds[0]
+        self._res.closers.append(lambda: self._close_console(fd))
+
+    async def _spawn(self, entry, cwd, user, stdio, console_fd: int = -1) -> None:
         rt, res = self._rt, self._res
         if entry is not None:
             ident = resolve(user, *self._rt._etc_users(self._rootfs))
@@ -170,7 +229,7 @@ class Sandbox(OutboundMixin):
                 netns_fd=res.netns_fd, cgroup_fd=res.cgroup_fd,
                 procs_fds=() if res.cgroup_fd >= 0 else res.procs_fds,
                 hostname=self.name[:64], ops=plan, caps=DEFAULT_CAP_MASK, init_fd=rt._init_fd,
-                init_argv=init_argv, init_env=init_env, stdio=stdio)
+                init_argv=init_argv, init_env=init_env, stdio=stdio, console_fd=console_fd)
         except BaseException:
             self._logs.close()
             raise

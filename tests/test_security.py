@@ -110,3 +110,54 @@ async def test_network_is_isolated_loopback_only():
     async with running() as (rt, box):
         out = (await (await box.exec(["ls", "/sys/class/net"])).output()).stdout.split()
         assert set(out) <= {b"lo", b"eth0"}
+
+
+# -- issue 8: socket families, io_uring, personality (csrc/seccomp.c) -------
+SYSCALL_ARGS = r"""
+import ctypes, errno, json
+libc = ctypes.CDLL(None, use_errno=True)
+def sc(nr, *args):
+    r = libc.syscall(nr, *[ctypes.c_ulong(a) for a in args])
+    return ("OK", r) if r >= 0 else (errno.errorcode[ctypes.get_errno()], r)
+SOCKET, SOCKETPAIR, PERSONALITY, IO_URING_SETUP = 41, 53, 135, 425
+STREAM, DGRAM, RAW = 1, 2, 3
+fds = (ctypes.c_int * 2)()
+params = (ctypes.c_char * 120)()
+out = {
+  "unix": sc(SOCKET, 1, STREAM, 0), "inet": sc(SOCKET, 2, STREAM, 0),
+  "inet6": sc(SOCKET, 10, STREAM, 0), "netlink": sc(SOCKET, 16, RAW, 0),
+  # the kernel reads the family as an int: upper bits are not a way around
+  "unix_hi": sc(SOCKET, (1 << 32) | 1, STREAM, 0),
+  "vsock": sc(SOCKET, 40, STREAM, 0), "vsock_hi": sc(SOCKET, (7 << 32) | 40, STREAM, 0),
+  "packet": sc(SOCKET, 17, RAW, 0), "alg": sc(SOCKET, 38, 5, 0), "key": sc(SOCKET, 15, RAW, 2),
+  "bluetooth": sc(SOCKET, 31, RAW, 0),
+  "pair_unix": sc(SOCKETPAIR, 1, STREAM, 0, ctypes.addressof(fds)),
+  "pair_vsock": sc(SOCKETPAIR, 40, STREAM, 0, ctypes.addressof(fds)),
+  "io_uring_setup": sc(IO_URING_SETUP, 4, ctypes.addressof(params)),
+  "io_uring_enter": sc(426, 0, 0, 0, 0, 0, 0), "io_uring_register": sc(427, 0, 0, 0, 0),
+  "persona_query": sc(PERSONALITY, 0xffffffff),
+  "persona_linux": sc(PERSONALITY, 0),
+  "read_implies_exec": sc(PERSONALITY, 0x0400000),
+  "addr_no_randomize": sc(PERSONALITY, 0x0040000),
+  "read_implies_exec_hi": sc(PERSONALITY, (1 << 32) | 0x0400000),
+}
+print(json.dumps({k: v[0] for k, v in out.items()}))
+"""
+
+
+@run
+async def test_socket_families_io_uring_and_personality():
+    """Finding 10 and 14: only AF_UNIX/INET/INET6/NETLINK sockets; no
+    io_uring; personality() only the harmless values."""
+    import json
+    async with running() as (rt, box):
+        out = await (await box.exec(["python3", "-c", SYSCALL_ARGS])).output()
+        assert out.exit_code == 0, out.stderr
+        res = json.loads(out.stdout)
+        for k in ("unix", "inet", "inet6", "netlink", "unix_hi", "pair_unix", "persona_query",
+                  "persona_linux"):
+            assert res[k] == "OK", (k, res)
+        for k in ("vsock", "vsock_hi", "packet", "alg", "key", "bluetooth", "pair_vsock",
+                  "io_uring_setup", "io_uring_enter", "io_uring_register", "read_implies_exec",
+                  "addr_no_randomize", "read_implies_exec_hi"):
+            assert res[k] == "EPERM", (k, res)
