@@ -155,9 +155,18 @@ async def exec_report(helper_pidfd: int, report_fd: int) -> ExecReport:
 
     def on_record(record: bytes) -> None:
         pid, err = native.parse_report(record)
-        if pid and rep.watcher is None:
-            fd = os.pidfd_open(pid)
-            rep.pid, rep.ns_pid = pid, ns_pid(fd)
+        if pid and not rep.pid:
+            rep.pid = pid
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError as e:
+                # (EMFILE, say) Still our unreaped child, so its pid is its
+                # own: kill it and reap it off the loop.
+                os.kill(pid, 9)
+                asyncio.ensure_future(asyncio.to_thread(os.waitpid, pid, 0))
+                rep.error = ExecError(e.errno, "fork", "pidfd_open")
+                return
+            rep.ns_pid = ns_pid(fd)
             rep.watcher = Pidfd(fd)
         elif err is not None and rep.error is None:
             rep.error = err

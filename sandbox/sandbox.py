@@ -62,6 +62,8 @@ class Sandbox(OutboundMixin):
         # Pipe readers of exited execs still draining what descendants write
         # (SPEC §10 "Output and descendants"); closed when the sandbox stops.
         self._drains: set = set()
+        # exec() followers still running (their caller may have gone away).
+        self._exec_jobs: set = set()
         self._logs = LogCapture(log_limit)
         self._lock = asyncio.Lock()
         self.enable_internet = True
@@ -298,6 +300,10 @@ class Sandbox(OutboundMixin):
         if pidfd is not None:
             pidfd.signal(_signal.SIGKILL)
             await asyncio.shield(pidfd.exited)
+        if self._exec_jobs:
+            # With PID 1 gone each ends at once (nothing left to wait for):
+            # every helper and process of an abandoned exec is reaped.
+            await asyncio.shield(asyncio.gather(*self._exec_jobs, return_exceptions=True))
         if self._cleanup_task is not None:
             await asyncio.shield(self._cleanup_task)
         elif self._res is not None:  # never started fully
@@ -404,6 +410,8 @@ class Sandbox(OutboundMixin):
         # still learns the pid (when the sandbox lets the process get that
         # far) and kills and reaps it, so nothing is left behind.
         job = asyncio.ensure_future(exec_report(helper, rep_r))
+        self._exec_jobs.add(job)
+        job.add_done_callback(self._exec_jobs.discard)
         try:
             rep = await asyncio.shield(job)
         except BaseException:

@@ -415,3 +415,31 @@ async def test_exec_has_its_own_session_and_no_terminal(tmp_path):
     r = json.loads((tmp_path / "out").read_text())
     assert r.get("sid") == r.get("pid") == r.get("pgid"), r
     assert r["tty"] == "ENXIO", r
+
+
+@pytest.mark.timeout(60)
+@run
+async def test_cancelled_execs_leave_nothing_behind():
+    """exec() cancelled at any point: what it started is killed and reaped
+    (the leak guard checks the runtime's children after the runtime closed)."""
+    async with running() as (rt, box):
+        started = []
+        for spins in range(8):
+            tasks = [asyncio.ensure_future(box.exec(["sleep", "1000"])) for _ in range(4)]
+            for _ in range(spins):
+                await asyncio.sleep(0)
+            for t in tasks:
+                t.cancel()
+            jobs = set(box._exec_jobs)
+            for t in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(t, sandbox.ExecProcess):   # finished before the cancel
+                    t.kill(signal.SIGKILL)
+                    started.append(t.exit_code)
+            for rep in await asyncio.gather(*jobs):
+                if rep.watcher is not None:
+                    started.append(rep.watcher.exited)
+        assert started, "no cancelled exec got as far as starting its process"
+        codes = await asyncio.wait_for(asyncio.gather(*started), 10)
+        assert codes == [128 + signal.SIGKILL] * len(codes)
+        out = await (await box.exec(["echo", "ok"])).output()
+        assert out.stdout == b"ok\n"
