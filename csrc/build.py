@@ -8,7 +8,7 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LIB_SOURCES = ["proc.c", "ns.c", "pidfd.c", "mount.c", "caps.c", "seccomp.c", "clone.c", "exec.c"]
+LIB_SOURCES = ["proc.c", "ns.c", "pidfd.c", "fs.c", "mount.c", "caps.c", "seccomp.c", "clone.c", "exec.c"]
 INIT_SOURCES = ["init.c", "proc.c"]
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-D_FORTIFY_SOURCE=2"]
 

@@ -49,13 +49,26 @@ struct sbx_err {
     char detail[244];
 };
 
+/* -- mount plan (csrc/mount.c, csrc/fs.c; built by sandbox/rootfs.py) ------
+ * Paths flagged SBX_AT_*_IN_ROOT are resolved confined to the root opened by
+ * the last SBX_OP_ROOT (openat2 RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS): the
+ * content below the root is hostile. Other paths are trusted (chosen by the
+ * runtime: the root and scratch mount points, host sources of binds). */
 enum sbx_mount_kind {
     SBX_OP_MOUNT = 1,     /* mount(src, dst, fstype, flags, data) */
-    SBX_OP_MKDIR,         /* mkdir(dst, mode), EEXIST ok */
-    SBX_OP_FILE,          /* create dst with data[0..len), mode */
-    SBX_OP_SYMLINK,       /* symlink(src, dst) */
-    SBX_OP_PIVOT,         /* pivot_root into dst, detach the old root */
-    SBX_OP_UMOUNT         /* umount2(dst, MNT_DETACH) */
+    SBX_OP_MKDIR,         /* a directory at dst (mode); see SBX_AT_REPLACE */
+    SBX_OP_FILE,          /* a new regular file dst with data[0..len), mode */
+    SBX_OP_SYMLINK,       /* dst replaced by a symlink with content src */
+    SBX_OP_PIVOT,         /* pivot_root into the root (dst), detach the old one */
+    SBX_OP_UMOUNT,        /* umount2(dst, MNT_DETACH) */
+    SBX_OP_ROOT,          /* open dst (trusted) as the root of later in-root paths */
+    SBX_OP_MKNOD          /* char device dst, mode, device number in flags */
+};
+
+enum sbx_mount_at {
+    SBX_AT_DST_IN_ROOT = 1,   /* dst resolves inside the root */
+    SBX_AT_SRC_IN_ROOT = 2,   /* src (a bind source) resolves inside the root */
+    SBX_AT_REPLACE = 4        /* MKDIR: only a real directory will do (mount points) */
 };
 
 struct sbx_mount_op {
@@ -67,7 +80,14 @@ struct sbx_mount_op {
     const char *data;
     size_t len;
     unsigned int mode;
+    unsigned int at;      /* SBX_AT_* bits */
 };
+
+/* Opens path below rootfd, every component confined to it (RESOLVE_IN_ROOT |
+ * RESOLVE_NO_MAGICLINKS, plus the RESOLVE_* bits in resolve). No O_CREAT.
+ * Returns a CLOEXEC fd or -errno. */
+int sbx_open_in_root(int rootfd, const char *path, int flags, uint64_t resolve);
+/* -- end of mount plan ------------------------------------------------------- */
 
 /* One process to execve: argv/envp NULL-terminated. */
 struct sbx_proc {
@@ -99,6 +119,11 @@ struct sbx_start {
     int stdin_fd;
     int stdout_fd;
     int stderr_fd;
+    /* -1, or one end of a unix socket: the child then makes a pty on the
+     * sandbox's own devpts, puts the slave on 0..2 (stdin_fd..stderr_fd are
+     * ignored) and sends the master back over it (SCM_RIGHTS) before it
+     * execs sbx-init. (tty/session block) */
+    int console_fd;
 };
 
 int sbx_abi_version(void);
@@ -119,11 +144,6 @@ int sbx_pidfd_signal(int pidfd, int sig);
 int sbx_pidfd_wait(int pidfd, int *code);
 int sbx_setns(int fd, int nstype);
 int sbx_unshare(int flags);
-    /* -1, or one end of a unix socket: the child then makes a pty on the
-     * sandbox's own devpts, puts the slave on 0..2 (stdin_fd..stderr_fd are
-     * ignored) and sends the master back over it (SCM_RIGHTS) before it
-     * execs sbx-init. (tty/session block) */
-    int console_fd;
 /* CDEF END */
 
 /* Internal, shared by the C files (not part of the cdef). */

@@ -28,6 +28,9 @@ STEPS = ["none", "clone", "join_netns", "loopback", "join_cgroup", "cgroupns", "
 ERR_RECORD = struct.Struct("iii244s")
 
 OP_MOUNT, OP_MKDIR, OP_FILE, OP_SYMLINK, OP_PIVOT, OP_UMOUNT = 1, 2, 3, 4, 5, 6
+OP_ROOT, OP_MKNOD = 7, 8
+# MountOp.at bits (enum sbx_mount_at): which paths resolve confined to the root.
+AT_DST_IN_ROOT, AT_SRC_IN_ROOT, AT_REPLACE = 1, 2, 4
 INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbx-init")
 EXEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbx-exec")
 
@@ -56,6 +59,7 @@ class MountOp:
     flags: int = 0
     data: bytes | str | None = None
     mode: int = 0
+    at: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ def _fill_ops(keep: _Keep, ops: Sequence[MountOp]):
         c.data = keep.s(data)
         c.len = len(data) if data else 0
         c.mode = op.mode
+        c.at = op.at
     return arr
 
 
@@ -135,12 +140,12 @@ def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: 
     s.init_argv = k.argv(init_argv)
     s.init_envp = k.argv(init_env)
     s.stdin_fd, s.stdout_fd, s.stderr_fd = stdio
+    s.console_fd = console_fd
     pidfd = ffi.new("int *", -1)
     errfd = ffi.new("int *", -1)
     pid = check(lib.sbx_start(s, pidfd, errfd), "clone")
     return pid, pidfd[0], errfd[0]
 
-    s.console_fd = console_fd
 
 def exec_argv(proc: ProcSpec, caps: int, nprocs: int) -> list[str]:
     """The sbx-exec helper's plan, as its argv (csrc/exechelper.c): the kernel
@@ -194,6 +199,15 @@ def pidfd_wait(pidfd: int) -> int | None:
         return None
     check(r, "waitid")
     return code[0]
+
+
+def open_in_root(rootfd: int, path: str, flags: int, resolve: int = 0) -> int:
+    """openat2(rootfd, path) confined to rootfd (RESOLVE_IN_ROOT |
+    RESOLVE_NO_MAGICLINKS | resolve); a CLOEXEC fd, or OSError."""
+    r = lib.sbx_open_in_root(rootfd, os.fsencode(path), flags, resolve)
+    if r < 0:
+        raise OSError(-r, os.strerror(-r), path)
+    return r
 
 
 def setns(fd: int, nstype: int) -> None:

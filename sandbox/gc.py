@@ -232,6 +232,7 @@ def _collect_runtime(ctx: _Context, state_dir: str, record: dict[str, Any]) -> N
         _collect_sandbox(ctx, tag, str(sid), objs, netns_dirs, default_netns_dir)
 
     _sweep_prefixes(ctx, tag, host)
+    ctx.step(f"runtime {tag}: cert dirs", _remove_cert_dirs, ctx, state_dir, tag)
     table = host.get("table")
     if table is not None:
         ctx.step(f"runtime {tag}: nft table {table!r}", _remove_table, ctx, table)
@@ -327,6 +328,14 @@ def _sweep_prefixes(ctx: _Context, tag: str, host: dict[str, Any]) -> None:
         for name in names:
             if name.startswith(cg_prefix):
                 ctx.step(f"runtime {tag}: cgroup {name!r}", _remove_cgroup, ctx, name)
+
+
+def _remove_cert_dirs(ctx: _Context, state_dir: str, tag: str) -> None:
+    """<state_dir>/certs/<tag>.* (a sandbox entry's `certs`, and any the
+    record missed): runtime-owned, the sandboxes only had read-only binds."""
+    from . import certdir
+    for path in certdir.sweep(state_dir, tag):
+        ctx.removed("dir", path, "sandbox cert dir")
 
 
 def _remove_table(ctx: _Context, table: str) -> None:

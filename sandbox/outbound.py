@@ -4,13 +4,14 @@ changes apply to live connections without touching nft."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from . import certdir
 from .proxy.handlers import as_handler
 from .proxy.policy import Policy, Route, parse_target
 from .proxy.tls import CertificateAuthority
 
-CA_PATHS = ("etc/sandbox/certs/sandbox-ca.crt", "etc/cloudflare/certs/cloudflare-containers-ca.crt")
+# Inside: /etc/sandbox/certs/sandbox-ca.crt and /etc/cloudflare/certs/... (rootfs.CERT_MOUNTS).
+CA_FILES = ("sandbox/sandbox-ca.crt", "cloudflare/cloudflare-containers-ca.crt")
 
 
 def parse_hosts(hosts, what: str):
@@ -37,8 +38,7 @@ class OutboundMixin:
         self.policy = new
         if new.https_routes and self.ca is None:
             self.ca = CertificateAuthority(name=f"sandbox {self.name}")
-            if self.running:
-                self._write_ca()
+            self._write_ca()   # no-op until start made the sandbox's cert dir
 
     def _sync_names(self, old: Policy, new: Policy) -> None:
         """Handler hostnames resolve inside the sandbox (SPEC §5)."""
@@ -53,18 +53,17 @@ class OutboundMixin:
             names.remove(p)
 
     def _ca_files(self) -> list[tuple[str, bytes]]:
-        return [(p, self.ca.ca_pem) for p in CA_PATHS] if self.ca is not None else []
+        """(path relative to the sandbox's cert dir on the host, PEM)."""
+        return [(p, self.ca.ca_pem) for p in CA_FILES] if self.ca is not None else []
 
     def _write_ca(self) -> None:
-        """Into the running sandbox's cert tmpfs, through its mount namespace."""
-        root = f"/proc/{self._pid}/root"
-        for rel, data in self._ca_files():
-            path = os.path.join(root, rel)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, path)
+        """Into the sandbox's cert dir on the host (sandbox/certdir.py), bound
+        read-only inside: visible at once, and no path inside the sandbox is
+        ever resolved (SPEC §9). A no-op while no cert dir exists: the next
+        start writes it."""
+        path = getattr(self, "_cert_dir", None)
+        if path is not None and self.ca is not None:
+            certdir.write(path, self._ca_files())
 
     # -- SPEC §3 ------------------------------------------------------------
     async def intercept_outbound_http(self, target: str, handler) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import cgroups as _cgroups
+from . import certdir as _certdir
 from . import rootfs as _rootfs
+from . import safefs as _safefs
 from . import _native_api as native
 from ._native_api import EXEC_PATH, INIT_PATH
 from .config import check_log_limit, check_name
@@ -276,24 +279,48 @@ class Runtime:
             raise first
 
     def _plan(self, box: Sandbox, res: Resources):
-        etc = _rootfs.EtcFiles(hostname=box.name[:64], nameserver=res.nameserver)
-        extra = box._ca_files()   # the CA is inside before the entrypoint starts
+        # Per sandbox, and not the sandbox's id itself (which it may not know).
+        machine_id = hashlib.sha256(b"machine-id:" + box.id.encode()).hexdigest()[:32]
+        etc = _rootfs.EtcFiles(hostname=box.name[:64], nameserver=res.nameserver,
+                               machine_id=machine_id)
+        certs = self._cert_dir(box, res)
         if box._rootfs is None:
-            return _rootfs.default_plan(self._root_dir, etc, extra)
-        return _rootfs.dir_plan(self._root_dir, self._scratch_dir, box._rootfs, etc, extra)
+            return _rootfs.default_plan(self._root_dir, etc, certs)
+        return _rootfs.dir_plan(self._root_dir, self._scratch_dir, box._rootfs, etc, certs)
+
+    def _cert_dir(self, box: Sandbox, res: Resources) -> str:
+        """The sandbox's cert dir on the host (sandbox/certdir.py): recorded
+        for gc, made, released with the sandbox's other resources."""
+        path = _certdir.path_for(self.state_dir, self.tag, box.id)
+        if self._state is not None and res.net is not None:
+            self._state.update_sandbox(res.net.sid, certs=path)
+
+        def release():
+            if getattr(box, "_cert_dir", None) == path:
+                box._cert_dir = None
+            _certdir.remove(path)
+        res.closers.append(release)
+        _certdir.create(path)
+        box._cert_dir = path
+        box._write_ca()   # the CA is inside before the entrypoint starts
+        return path
 
     @property
     def _names(self):
         return self._net.names if self._net is not None else None
 
     def _etc_users(self, rootfs: str | None) -> tuple[str, str]:
+        """passwd and group for the entrypoint's user=. A rootfs=DIR is the
+        operator's path but its content is hostile: read confined below it,
+        bounded, never blocking (sandbox/safefs.py)."""
         if rootfs is None:
             return _DEFAULT_USERS
-        out = []
-        for name in ("passwd", "group"):
-            try:
-                with open(os.path.join(rootfs, "etc", name)) as f:
-                    out.append(f.read())
-            except OSError:
-                out.append("")
-        return out[0], out[1]
+        try:
+            fd = _safefs.open_dir(rootfs)
+        except OSError:
+            return "", ""
+        try:
+            return (_safefs.read_text_or_empty(fd, "etc/passwd", log=log),
+                    _safefs.read_text_or_empty(fd, "etc/group", log=log))
+        finally:
+            os.close(fd)
