@@ -359,7 +359,9 @@ class Container:
         while True:
             if not box.running:
                 raise SandboxNotRunning(f"container {self.name} stopped before listening on {sorted(ports)}")
-            missing = ports - _listening_ports(box.pid)
+            # Off the loop: the sandbox decides how many sockets this lists
+            # (20k listeners: 140 ms of parsing), and must not stall us.
+            missing = ports - await asyncio.to_thread(_listening_ports, box.pid)
             if not missing:
                 return
             await asyncio.sleep(delay)
