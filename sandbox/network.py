@@ -18,7 +18,9 @@ import netns
 
 from .log import get_logger
 from .proxy.dns import DNSForwarder, SyntheticNames
+from .proxy.limits import raise_nofile_limit
 from .proxy.listener import ProxyServer
+from .proxy.resolve import NameResolver
 
 log = get_logger("sandbox.network")
 # Every runtime on the machine takes its own /20 of this space (1024
@@ -85,12 +87,20 @@ class RuntimeNetwork:
         self._filling: set[asyncio.Task] = set()
         self.warm = WARM
 
+    @staticmethod
+    def raise_fd_limit() -> int:
+        """RLIMIT_NOFILE soft -> hard, before the proxy sizes its connection bounds from
+        it: ~1000 sandbox connections must not exhaust the runtime (issue 8, finding 8)."""
+        return raise_nofile_limit()
+
     async def open(self) -> None:
         net, self._pool_lock = await asyncio.to_thread(claim_slot)
         self._pool = netns.AddressPool(str(net))
         # Validate the resolver before anything exists.
         self.dns = DNSForwarder(self.names, self.resolver, listen=("0.0.0.0", 0))
-        self.proxy = ProxyServer(self._by_ip.get, names=self.names)
+        # Name egress (SPEC §10) asks the same pinned resolver the forwarder forwards to.
+        self.resolve = NameResolver(self.resolver)
+        self.proxy = ProxyServer(self._by_ip.get, names=self.names, resolve=self.resolve.resolve)
         try:
             _, dns_port = await self.dns.start()
             _, proxy_port = await self.proxy.start()

@@ -112,6 +112,7 @@ class Runtime:
             return
         if os.geteuid() != 0:
             raise SandboxError("the sandbox runtime must run as root")
+        RuntimeNetwork.raise_fd_limit()   # soft RLIMIT_NOFILE -> hard: sandboxes' connections must not exhaust us
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         # Empty mount points the sandbox child mounts over in its own private
         # mount namespace: they never hold a host mount.

@@ -47,6 +47,7 @@ from .server_http import (MAX_JSON, READ_SIZE, SERVER_NAME, Conn, HttpError,  # 
 from .server_json import details, error_status, summary  # noqa: F401
 
 log = get_logger("sandbox.server")
+CLOSE_TIMEOUT = 5.0     # seconds a closing connection may take to flush what it holds
 
 
 class BadArgument(Exception):
@@ -198,7 +199,12 @@ class Server(Endpoints):
             self._tasks.discard(task)
             writer.close()
             try:
-                await writer.wait_closed()
+                # A client that stopped reading would keep a graceful close (and the
+                # shutdown waiting for it) pending forever: bounded, then aborted.
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await writer.wait_closed()
+            except TimeoutError:
+                writer.transport.abort()
             except (ConnectionError, OSError, asyncio.CancelledError):
                 pass
 

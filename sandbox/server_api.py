@@ -189,25 +189,10 @@ class Endpoints:
 
     async def port_fetch(self, req: Request, box):
         """An HTTP request to a port inside the sandbox (SPEC §3 get_tcp_port):
-        {port, method?, path?, headers?, body?: base64} -> {status, headers, body: base64}."""
-        o = await req.json()
-        _only(o, ("port", "method", "path", "headers", "body"), "POST /sandboxes/{name}/fetch")
-        port = o.get("port")
-        path = o.get("path", "/")
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ValueError("path must be a str starting with '/'")
-        headers = o.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise TypeError("headers must be an object")
-        body = base64.b64decode(o["body"]) if o.get("body") else None
-        try:
-            resp = await box.get_tcp_port(port).fetch(path, method=str(o.get("method", "GET")),
-                                                      headers=headers, body=body)
-        except ConnectionRefusedError:
-            raise HttpError(502, f"nothing listens on port {port} inside {box.name}")
-        data = await resp.read()
-        await req.reply(200, {"status": resp.status, "headers": dict(resp.headers.raw_items()),
-                              "body": base64.b64encode(data).decode()})
+        {port, method?, path?, headers?, body?: base64} -> {status, headers, body: base64},
+        streamed (server_fetch.py): the daemon never holds the whole body."""
+        from .server_fetch import port_fetch
+        return await port_fetch(req, box)
 
     async def policy(self, req: Request, box):
         o = await req.json()

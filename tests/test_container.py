@@ -97,7 +97,7 @@ async def test_precedence_each_level_beats_the_next(tmp_path):
     P.outbound_by_host = {"h.test": who("class_host"), "both.test": who("class_host")}
     P.outbound = who("class_all")
 
-    async with Upstream(tmp_path) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path) as up, runtime(tmp_path, up) as rt:
         p = P(rt)
         await p.start()
 
@@ -189,7 +189,7 @@ async def test_credential_injection_with_named_handler(tmp_path):
     hosts get credentials; the secret stays outside."""
     secret = "tok_" + secrets.token_hex(12)
 
-    async with Upstream(tmp_path) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path) as up, runtime(tmp_path, up) as rt:
         async def github(request, ctx):
             headers = request.headers.copy()
             headers["Authorization"] = f"token {secret}"

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 import ssl
 
 import netns
@@ -23,7 +24,7 @@ import sandbox
 from sandbox import Request, Response
 from sandbox.proxy.tls import CertificateAuthority
 
-from helpers import run
+from helpers import FakeDNS, listen_socket, run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,12 +144,20 @@ class Upstream:
                 sock = self.ns.run_in(self._listen, self.ip, port)
                 ctx = self.ca.server_context(self.cert_name) if tls else None
                 self._servers.append(await asyncio.start_server(self._serve, sock=sock, ssl=ctx))
+            # The pinned resolver of `runtime(tmp_path, up)`: SPEC §10 sends a request
+            # allowed by name to that name, resolved by the runtime; here every test name
+            # is this upstream.
+            self.dns = FakeDNS(listen_socket(self.ns, self.ip, 53, socket.SOCK_DGRAM),
+                               listen_socket(self.ns, self.ip, 53), _EveryName(self.ip))
+            await self.dns.__aenter__()
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
 
     async def __aexit__(self, *exc):
+        if getattr(self, "dns", None) is not None:
+            await self.dns.__aexit__(None, None, None)
         for s in self._servers:
             s.close()
         for w in list(self._writers):
@@ -255,10 +264,22 @@ class LoopbackServer:
             writer.close()
 
 
-def runtime(tmp_path) -> sandbox.Runtime:
+class _EveryName(dict):
+    """FakeDNS answers: every name is the upstream."""
+
+    def __init__(self, ip):
+        super().__init__()
+        self.ip = ip
+
+    def get(self, name, default=None):
+        return self.ip
+
+
+def runtime(tmp_path, up=None) -> sandbox.Runtime:
     """A runtime with its own state dir: other runtimes on this machine (another test
-    session) never share its names."""
-    return sandbox.Runtime(state_dir=str(tmp_path / "state"))
+    session) never share its names. With `up`, its resolver is the upstream's FakeDNS."""
+    return sandbox.Runtime(state_dir=str(tmp_path / "state"),
+                           resolver=f"{up.ip}:53" if up is not None else None)
 
 
 def text(body: str):
@@ -271,7 +292,7 @@ def text(body: str):
 @run
 async def test_enable_internet_false_blocks_egress_and_other_ports(tmp_path):
     """enableInternet = false: HTTP is denied by the proxy, other ports refused at once."""
-    async with Upstream(tmp_path, ports=(80, 8080)) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path, ports=(80, 8080)) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
         await box.start(enable_internet=False)
         async with Inside(box) as c:
@@ -290,7 +311,7 @@ async def test_enable_internet_false_blocks_egress_and_other_ports(tmp_path):
 @run
 async def test_denied_hosts_with_internet_on(tmp_path):
     """deniedHosts = ["some-nefarious-website.com", "141.101.64.0/18"] style."""
-    async with Upstream(tmp_path) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
         box.set_denied_hosts(["nefarious.test", "*.evil.test", "10.215.0.0/30:80"])
         await box.start()
@@ -312,7 +333,7 @@ async def test_denied_hosts_with_internet_on(tmp_path):
 @run
 async def test_allowed_hosts_is_deny_by_default(tmp_path):
     """enableInternet = false + allowedHosts: only listed hosts egress."""
-    async with Upstream(tmp_path) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
         box.set_allowed_hosts(["allowed.test", "*.cdn.test"])
         await box.start(enable_internet=False)
@@ -379,7 +400,7 @@ async def test_credential_injection_secret_never_inside(tmp_path):
     """outboundByHost["github.com"] adds Authorization and forwards with fetch: the
     upstream sees the header; the sandbox's environment and files never hold it."""
     secret = "ghp_" + secrets.token_hex(16)
-    async with Upstream(tmp_path) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
 
         async def github(request, ctx):
@@ -464,7 +485,7 @@ async def test_url_string_handler_gets_sandbox_id_and_original_url(tmp_path):
 @run
 async def test_catch_all_handler_method_policy_and_fetch(tmp_path):
     """MyContainer.outbound: non-GET gets 405, GET is forwarded with fetch(request)."""
-    async with Upstream(tmp_path) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
 
         async def outbound(request, ctx):
@@ -485,7 +506,7 @@ async def test_catch_all_handler_method_policy_and_fetch(tmp_path):
 # -- targets: globs, IPs, CIDRs, ports, IPv6 -------------------------------------------------
 @run
 async def test_glob_semantics_end_to_end(tmp_path):
-    async with Upstream(tmp_path) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
         await box.intercept_outbound_http("*.svc.test", text("glob"))
         await box.intercept_outbound_http("x.svc.test", text("exact"))
@@ -510,7 +531,7 @@ async def test_glob_semantics_end_to_end(tmp_path):
 
 @run
 async def test_ip_cidr_and_port_targets(tmp_path):
-    async with Upstream(tmp_path, ports=(80, 443)) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path, ports=(80, 443)) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
         await box.intercept_outbound_http("10.215.0.0/24", text("cidr"))
         await box.intercept_outbound_http(up.ip, text("ip"))                  # port 80
@@ -524,11 +545,12 @@ async def test_ip_cidr_and_port_targets(tmp_path):
             assert (await c.get(up.ip, port=443))["body"] == "ip:443"
             # Another address of the CIDR: the handler answers, nothing leaves the host.
             assert (await c.get("10.215.0.9"))["body"] == "cidr"
-            # An IPv6 literal in Host is matched as an IP (IPv6 is off inside, so the
-            # connection itself is IPv4).
-            # (to an address only the /24 matches: the more specific rule wins).
-            assert (await c.get("10.215.0.9", headers={"Host": "[2001:db8::1]"}))["body"] == "v6"
-            assert (await c.get("10.215.0.9", headers={"Host": "[2001:db8:1::5]:80"}))["body"] == "v6net"
+            # An IP literal in Host that is not the destination is refused (SPEC §10:
+            # IP rules match the destination the kernel saw, never a Host literal).
+            r = await c.get("10.215.0.9", headers={"Host": "[2001:db8::1]"})
+            assert r["status"] == 400, r
+            r = await c.get("10.215.0.9", headers={"Host": "[2001:db8:1::5]:80"})
+            assert r["status"] == 400, r
         assert up.requests == []
 
 
@@ -592,7 +614,7 @@ async def test_https_interception_verifies_against_sandbox_ca(tmp_path):
 @run
 async def test_https_passthrough_when_not_intercepted(tmp_path):
     """interception off: the sandbox sees the upstream's own certificate."""
-    async with Upstream(tmp_path, ports=(), tls_ports=(443,)) as up, runtime(tmp_path) as rt:
+    async with Upstream(tmp_path, ports=(), tls_ports=(443,)) as up, runtime(tmp_path, up) as rt:
         box = rt.sandbox()
         await box.intercept_outbound_http("unrelated.test", text("x"))   # HTTP only: no CA
         await box.start()

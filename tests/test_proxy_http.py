@@ -148,11 +148,20 @@ class Proxy:
     def decide(self, host, dst):
         return decide(Facts.make(host, dst[0], dst[1]), self.policy)
 
+    async def resolve(self, name):
+        # SPEC §10: a name egresses to that name, resolved by the runtime (here: a fake
+        # pinned resolver that knows the one test name).
+        self.resolved.append(name)
+        return ["127.0.0.1"] if name == "site.test" else []
+
     async def __aenter__(self):
+        self.resolved = []
+
         async def on_conn(reader, writer):
             self.tasks.add(asyncio.current_task())
             self.accepted += 1
-            await serve_connection(reader, writer, dst=self.dst, decide=self.decide, ctx=self.ctx)
+            await serve_connection(reader, writer, dst=self.dst, decide=self.decide, ctx=self.ctx,
+                                   resolve=self.resolve)
         self.server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -94,14 +94,21 @@ def test_http_https_splice_terminate_and_deny():
             async def connect(dst, server_name):
                 return await open_connection(dst[0], dst[1], tls=server_name is not None,
                                              server_name=server_name, ssl_context=trust(up.ca))
+            async def resolve(name):
+                # SPEC §10: a spliced TLS connection goes to its SNI's name, resolved by
+                # the runtime (a fake pinned resolver here), not to the dialled address.
+                resolved.append(name)
+                return ["127.0.0.1"] if name == "example.test" else []
+            resolved = []
             server = ProxyServer(lambda ip: view if ip == "127.0.0.1" else None, transparent=False,
-                                 connect=connect, original_dst=lambda s: up.addr)
+                                 connect=connect, resolve=resolve, original_dst=lambda s: up.addr)
             async with server:
                 port = server.address[1]
                 dport = up.addr[1]
                 # 1. HTTPS with no interception: spliced, the sandbox sees the real certificate.
                 status, body = await get(port, f"https://example.test:{dport}/a", trust(up.ca), "example.test")
                 assert (status, body) == (200, b"real:/a")
+                assert resolved == ["example.test"]
                 # 2. intercept_outbound_https registration: terminated with the sandbox CA.
                 view.ca = CertificateAuthority("sbx-3")
                 view.policy = Policy(routes=(Route(parse_target(f"example.test:{dport}"), handler,

@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sandbox.proxy.policy import (
-    Decision, Facts, Policy, Route, Target, decide, host_from_header, match, parse_host, parse_target,
+    BadHost, Decision, Facts, Policy, Route, Target, decide, host_from_header, match, parse_host, parse_target,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -143,10 +143,19 @@ def test_ip_and_cidr_match_destination_ip():
     assert match(parse_target("10.0.0.0/8:8080"), f)
 
 
-def test_ip_literal_in_host_matches_as_ip():
-    f = facts("192.0.2.7:80", ip="198.18.0.5")
+def test_ip_literal_in_host_must_be_the_destination():
+    """SPEC §10: IP rules match the destination the kernel saw; an IP literal in Host
+    that differs from it is refused (400 / closed), never matched as an IP."""
+    with pytest.raises(BadHost):
+        facts("192.0.2.7:80", ip="198.18.0.5")
+    with pytest.raises(BadHost):
+        facts("0xc0.0.2.7", ip="198.18.0.5")     # the same literal in inet_aton spelling
+    with pytest.raises(BadHost):
+        facts("192.0.2.7:8080", ip="192.0.2.7")  # same address, another port
+    f = facts("192.0.2.7:80", ip="192.0.2.7")
     assert match(parse_target("192.0.2.7"), f)
     assert match(parse_target("192.0.2.0/24"), f)
+    assert facts("3221225991", ip="192.0.2.7").host == "192.0.2.7"
 
 
 def test_ipv6_matching():
@@ -356,7 +365,9 @@ def _not_ip(name):
     try:
         ipaddress.ip_address(name)
     except ValueError:
-        return True
+        # A name ending in a number is an IP literal (inet_aton spelling) or malformed
+        # (SPEC §10 / parse_authority): not a host name either.
+        return not name.rsplit(".", 1)[-1].isdigit()
     return False
 
 

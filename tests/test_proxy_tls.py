@@ -182,11 +182,17 @@ def test_terminated_https_handler_and_egress():
                                          ssl_context=client_context(internet_ca))
 
         proxy_tasks = set()
+        resolved = []
+
+        async def resolve(name):
+            # SPEC §10: egress goes to the Host's name, resolved by the runtime.
+            resolved.append(name)
+            return ["127.0.0.1"]
 
         async def on_conn(reader, writer):
             proxy_tasks.add(asyncio.current_task())
             await serve_connection(reader, writer, dst=dst, decide=decide_fn, ctx=Context("sbx-7"),
-                                   connect=connect, scheme="https", server_name="example.test")
+                                   connect=connect, resolve=resolve, scheme="https", server_name="example.test")
         proxy = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=sandbox_ca.server_context("example.test"))
         port = proxy.sockets[0].getsockname()[1]
         conn = ClientConnection(*await open_connection("127.0.0.1", port, tls=True, server_name="example.test",
@@ -197,6 +203,7 @@ def test_terminated_https_handler_and_egress():
         state["policy"] = Policy()  # handler gone: egress, re-encrypted and verified
         resp = await conn.send(Request("GET", url))
         assert await resp.read() == b"real:/p?q"
+        assert resolved == ["example.test"]
         await conn.aclose()
         for server, tasks in ((proxy, proxy_tasks), (upstream, upstream_tasks)):
             await _close(server, tasks)

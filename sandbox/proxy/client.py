@@ -73,9 +73,12 @@ class ClientConnection:
     (`reusable`) once that response's body was read to the end.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 read_timeout: Optional[float] = None, write_timeout: Optional[float] = None) -> None:
         self._reader = reader
         self._writer = writer
+        # None: wait as long as the peer takes (sandbox.fetch); the proxy bounds both.
+        self._read_timeout, self._write_timeout = read_timeout, write_timeout
         self._conn = h11.Connection(h11.CLIENT)
         self._busy = False
         self._closed = False
@@ -89,13 +92,16 @@ class ClientConnection:
         data = self._conn.send(event)
         if data:
             self._writer.write(data)
-            await self._writer.drain()  # backpressure: wait while the peer is slow
+            async with asyncio.timeout(self._write_timeout):
+                await self._writer.drain()  # backpressure: wait while the peer is slow
 
     async def _next_event(self) -> h11._events.Event:  # type: ignore[name-defined]
         while True:
             event = self._conn.next_event()
             if event is h11.NEED_DATA:
-                self._conn.receive_data(await self._reader.read(READ_SIZE))
+                async with asyncio.timeout(self._read_timeout):
+                    data = await self._reader.read(READ_SIZE)
+                self._conn.receive_data(data)
                 continue
             return event
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 import struct
 from collections import Counter, OrderedDict
 from typing import Optional
@@ -24,6 +25,7 @@ import dns.rdatatype
 import dns.rrset
 from ..log import get_logger
 
+from .limits import ConnectionLimits, LogLimiter
 from .policy import Target, parse_target
 
 __all__ = ["SyntheticNames", "DNSForwarder", "parse_resolver", "SYNTHETIC_NETWORK"]
@@ -32,8 +34,14 @@ log = get_logger("sandbox.proxy.dns")
 
 SYNTHETIC_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")
 SYNTHETIC_TTL = 60
-MAX_INFLIGHT = 512  # concurrent forwarded UDP queries; beyond this, datagrams are dropped
-TCP_IDLE = 10.0     # seconds a TCP client may stay idle between queries
+# A sandbox's queries are hostile input (SPEC §9): what one sandbox can hold is bounded so
+# that it wastes only its own share. Beyond a bound a datagram is dropped (the client
+# retries) and a TCP connection is reset at once.
+MAX_INFLIGHT = 512          # concurrent UDP queries being answered, all sandboxes
+MAX_INFLIGHT_PER_PEER = 64  # ... of one sandbox
+MAX_TCP = 256               # open TCP DNS connections, all sandboxes
+MAX_TCP_PER_PEER = 16       # ... of one sandbox
+TCP_IDLE = 10.0     # seconds a TCP client may stay idle between queries (or mid-query)
 
 
 def parse_resolver(text: str) -> tuple[str, int]:
@@ -182,6 +190,10 @@ class DNSForwarder:
         self._udp: Optional[asyncio.DatagramTransport] = None
         self._tcp: Optional[asyncio.Server] = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._udp_limits = ConnectionLimits(MAX_INFLIGHT_PER_PEER, MAX_INFLIGHT)
+        self._tcp_limits = ConnectionLimits(MAX_TCP_PER_PEER, MAX_TCP)
+        self._log = LogLimiter(log)
+        self.dropped = 0  # queries dropped / connections refused over a bound
         self.address: Optional[tuple[str, int]] = None
 
     async def start(self) -> tuple[str, int]:
@@ -233,16 +245,39 @@ class DNSForwarder:
         task.add_done_callback(self._tasks.discard)
 
     def _spawn_udp(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
-        if len(self._tasks) >= MAX_INFLIGHT:
-            return  # overload: the client will retry; better than unbounded memory
-        self._track(self._answer_udp(data, addr))
+        peer = addr[0]
+        if not self._udp_limits.acquire(peer):
+            # Overload: the client will retry; better than unbounded memory and fds.
+            self.dropped += 1
+            self._log("warning", "dns.overload", peer=peer, transport="udp",
+                      inflight=self._udp_limits.count(peer))
+            return
+        try:
+            self._track(self._answer_udp(data, addr))
+        except BaseException:
+            self._udp_limits.release(peer)
+            raise
 
     async def _answer_udp(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
-        reply = await self.answer(data, tcp=False)
-        if reply is not None and self._udp is not None and not self._udp.is_closing():
-            self._udp.sendto(reply, addr)
+        try:
+            reply = await self.answer(data, tcp=False)
+            if reply is not None and self._udp is not None and not self._udp.is_closing():
+                self._udp.sendto(reply, addr)
+        finally:
+            self._udp_limits.release(addr[0])
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = (writer.get_extra_info("peername") or ("?",))[0]
+        if not self._tcp_limits.acquire(peer):
+            self.dropped += 1
+            self._log("warning", "dns.overload", peer=peer, transport="tcp",
+                      open=self._tcp_limits.count(peer))
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -260,6 +295,7 @@ class DNSForwarder:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
+            self._tcp_limits.release(peer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -278,7 +314,9 @@ class DNSForwarder:
             return self._synthetic(query, name).to_wire()
         reply = await self._forward(query, data, tcp)
         if reply is None:
-            log.warning("dns.resolver_timeout", name=name, resolver=f"{self.resolver[0]}:{self.resolver[1]}")
+            # Rate-limited: under fd exhaustion every query fails here at once.
+            self._log("warning", "dns.resolver_timeout", name=name,
+                      resolver=f"{self.resolver[0]}:{self.resolver[1]}")
             fail = dns.message.make_response(query)
             fail.set_rcode(dns.rcode.SERVFAIL)
             return fail.to_wire()

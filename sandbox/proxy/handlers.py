@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .client import fetch
-from .models import Request, Response
+from .models import Headers, Request, Response
+from .wire import normalize_path, strip_runtime_headers
 
 __all__ = ["Context", "HandlerFn", "UrlHandler", "as_handler", "call_handler"]
 
@@ -47,10 +48,13 @@ class UrlHandler:
 
     async def __call__(self, request: Request, ctx: Context) -> Response:
         original = urlsplit(request.url)
-        target = (original.path or "/") + (f"?{original.query}" if original.query else "")
-        headers = request.headers.copy()
+        # Normalised (the proxy already did; a direct caller may not have): the
+        # orchestrator sees the path the runtime decided on, never `/a/../b`.
+        target = normalize_path(original.path or "/") + (f"?{original.query}" if original.query else "")
+        # Every spelling of the headers the runtime owns goes (X_Sandbox_Id, x-sandbox-id,
+        # ...): the sandbox must not forge its id or its URL; then the real ones are added.
+        headers = Headers(strip_runtime_headers(request.headers))
         headers["Host"] = self._netloc
-        # Replaces (never appends to) whatever the sandbox sent: it must not forge its id.
         headers["X-Sandbox-Id"] = ctx.sandbox_id
         headers["X-Original-Url"] = request.url
         body = await request.read() if request.body_length is not None else request.body

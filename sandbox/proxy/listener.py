@@ -8,6 +8,13 @@ unread in the socket, so the TLS layer or the upstream sees the connection from 
 first byte. (Reading the hello through a StreamReader and "putting it back" cannot work:
 `start_tls` reads the raw socket, not the reader's buffer.) TLS is recognised by its
 first byte, not by port, so HTTPS on 80 or HTTP on 443 are still policed.
+
+A spliced (not intercepted) TLS connection goes where the decision says (SPEC §10): to
+the SNI name resolved by the runtime, at the original port, when a name allowed it —
+never to the address the sandbox dialled — and to that address only when an IP rule
+allowed it (no SNI: IP rules only). Connections are counted per sandbox and in total
+(`limits`); the excess is reset at once, and the accept loop backs off when the process
+runs out of descriptors instead of spinning.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ from typing import Optional, Protocol
 from ..log import get_logger
 
 from .dns import SyntheticNames
+from .egress import EgressDenied, close_writer, open_upstream, splice
 from .handlers import Context
 from .http import Connector, default_connector, serve_connection
+from .limits import AcceptBackoff, ConnectionLimits, LogLimiter, reset
 from .policy import Decision, Facts, Policy, decide
+from .resolve import Resolve, ResolveError, no_resolver
 from .tls import NEED_MORE, CertificateAuthority, parse_sni
 
 __all__ = ["ProxyServer", "SandboxView", "peek_first_bytes"]
@@ -34,7 +44,6 @@ log = get_logger("sandbox.proxy")
 Address = tuple[str, int]
 PEEK_TIMEOUT = 10.0       # a sandbox that opens a connection and sends nothing
 HANDSHAKE_TIMEOUT = 10.0
-SPLICE_CHUNK = 64 * 1024
 
 
 class SandboxView(Protocol):
@@ -106,38 +115,33 @@ async def _streams(sock: socket.socket, tls: Optional[ssl.SSLContext]
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: list[int]) -> None:
-    try:
-        while data := await reader.read(SPLICE_CHUNK):
-            counter[0] += len(data)
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()  # half-close: the other direction may still be talking
-    except (ConnectionError, OSError):
-        writer.close()
-
-
 class ProxyServer:
     """Accepts intercepted connections and serves them by the sandbox's current policy.
 
     `lookup(peer_ip)` returns the sandbox (a `SandboxView`) or None (connection
     dropped); `view.policy` is read again for every request. `names`: the DNS registry,
     so that a connection to a synthetic address without Host/SNI is still matched by the
-    name it was resolved from. `transparent=False` and `original_dst` are for tests.
+    name it was resolved from. `resolve(name)`: the runtime's pinned resolver, where
+    name egress goes. `limits`: per-sandbox and total connection bounds (default: from
+    the fd limit at `start`). `transparent=False` and `original_dst` are for tests.
     """
 
     def __init__(self, lookup: Callable[[str], Optional[SandboxView]], *, names: Optional[SyntheticNames] = None,
                  listen: Address = ("127.0.0.1", 0), transparent: bool = True,
-                 connect: Connector = default_connector,
+                 connect: Connector = default_connector, resolve: Resolve = no_resolver,
+                 limits: Optional[ConnectionLimits] = None,
                  original_dst: Callable[[socket.socket], Address] = _default_original_dst) -> None:
         if not callable(lookup):
             raise TypeError("lookup must be callable")
         self._lookup, self._names, self._listen = lookup, names, listen
         self._transparent, self._connect, self._original_dst = transparent, connect, original_dst
+        self._resolve = resolve
+        self.limits = limits
         self._sock: Optional[socket.socket] = None
         self._accept_task: Optional[asyncio.Task[None]] = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._log = LogLimiter(log)
+        self.refused = 0  # connections reset at once (over a limit, or not a sandbox)
         self.address: Optional[Address] = None
 
     async def start(self) -> Address:
@@ -156,6 +160,8 @@ class ProxyServer:
             raise
         self._sock = sock
         self.address = sock.getsockname()[:2]
+        if self.limits is None:
+            self.limits = ConnectionLimits()
         self._accept_task = asyncio.create_task(self._accept_loop())
         return self.address
 
@@ -183,19 +189,50 @@ class ProxyServer:
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._sock is not None
+        assert self._sock is not None and self.limits is not None
+        backoff = AcceptBackoff()
         while True:
             try:
                 conn, peer = await loop.sock_accept(self._sock)
-            except OSError as exc:  # EMFILE and friends: log, keep serving
-                log.error("proxy.accept_error", error=repr(exc))
+            except OSError as exc:
+                # EMFILE/ENFILE leave the connection queued and the socket readable:
+                # retrying at once would spin (and sock_accept fails without ever
+                # yielding to the loop). Wait, then retry; log at most now and then.
+                delay = backoff.failed(exc)
+                self._log("error", "proxy.accept_error", error=repr(exc), retry_s=delay)
+                await asyncio.sleep(delay or 0)
                 continue
-            # Responses go out as head then body: without NODELAY the second
-            # write waits for the sandbox's delayed ACK (~40 ms a request).
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(self._handle(conn, peer[0]))
+            await backoff.succeeded()
+            peer_ip = peer[0]
+            if self._lookup(peer_ip) is None:
+                conn.close()  # not (or no longer) a sandbox
+                self.refused += 1
+                self._log("warning", "proxy.unknown_peer", peer=peer_ip)
+                continue
+            if not self.limits.acquire(peer_ip):
+                # A sandbox over its share (or all over the total): an RST now, nothing
+                # kept, no task, one log line now and then.
+                reset(conn)
+                self.refused += 1
+                self._log("warning", "proxy.connection_refused", peer=peer_ip,
+                          open=self.limits.count(peer_ip), total=self.limits.count())
+                continue
+            try:
+                # Responses go out as head then body: without NODELAY the second
+                # write waits for the sandbox's delayed ACK (~40 ms a request).
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                task = asyncio.create_task(self._handle(conn, peer_ip))
+            except BaseException:
+                self.limits.release(peer_ip)
+                conn.close()
+                raise
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda t, ip=peer_ip: self._done(t, ip))
+
+    def _done(self, task: asyncio.Task[None], peer_ip: str) -> None:
+        self._tasks.discard(task)
+        if self.limits is not None:
+            self.limits.release(peer_ip)
 
     def _decider(self, view: SandboxView, scheme: str) -> Callable[[Optional[str], Address], Decision]:
         def decide_now(host: Optional[str], dst: Address) -> Decision:
@@ -211,8 +248,7 @@ class ProxyServer:
         try:
             view = self._lookup(peer_ip)
             if view is None:
-                log.warning("proxy.unknown_peer", peer=peer_ip)
-                return
+                return  # destroyed since the accept
             dst = self._original_dst(sock)
             async with asyncio.timeout(PEEK_TIMEOUT):
                 first = await peek_first_bytes(sock)
@@ -227,10 +263,16 @@ class ProxyServer:
                 reader, writer = await _streams(sock, None)
                 sock = None  # the transport owns it now
                 await serve_connection(reader, writer, dst=dst, decide=self._decider(view, "http"),
-                                       ctx=ctx, connect=self._connect)
+                                       ctx=ctx, connect=self._connect, resolve=self._resolve)
                 return
             decide_tls = self._decider(view, "https")
-            decision = decide_tls(sni, dst)  # type: ignore[arg-type]
+            try:
+                decision = decide_tls(sni, dst)  # type: ignore[arg-type]
+            except ValueError as exc:
+                # A malformed SNI, or an IP literal that is not the destination: closed.
+                log.info("proxy.decision", sandbox=view.sandbox_id, host=None, rule=None,
+                         action="bad_sni", error=str(exc), status=None, bytes=0, ms=0)
+                return
             if decision.kind == "deny" or (decision.terminate_tls and view.ca is None):
                 # A denied HTTPS connection is closed after its ClientHello (SPEC §10).
                 log.info("proxy.decision", sandbox=view.sandbox_id, host=decision.host, rule=decision.rule,
@@ -242,35 +284,44 @@ class ProxyServer:
                 reader, writer = await _streams(sock, view.ca.server_context(server_name))
                 sock = None
                 await serve_connection(reader, writer, dst=dst, decide=decide_tls, ctx=ctx,
-                                       connect=self._connect, scheme="https", server_name=server_name)
+                                       connect=self._connect, resolve=self._resolve, scheme="https",
+                                       server_name=server_name)
                 return
             spliced, sock = sock, None
-            await self._splice(spliced, dst, view, decision)
+            await self._splice(spliced, view, decision)
         except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
             log.debug("proxy.connection_closed", peer=peer_ip, reason=repr(exc))
         finally:
             if sock is not None:
                 sock.close()
 
-    async def _splice(self, sock: socket.socket, dst: Address, view: SandboxView, decision: Decision) -> None:
-        """HTTPS passed through untouched: bytes both ways, ClientHello included."""
+    async def _splice(self, sock: socket.socket, view: SandboxView, decision: Decision) -> None:
+        """HTTPS passed through untouched: bytes both ways, ClientHello included, to where
+        the decision says (the SNI's name, resolved here; or the destination IP)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        reader, writer = await _streams(sock, None)
-        try:
-            up_reader, up_writer = await self._connect(dst, None)
-        except OSError:
-            writer.close()
-            raise
         counter = [0]
+        action = "splice"
         try:
-            await asyncio.gather(_pipe(reader, up_writer, counter), _pipe(up_reader, writer, counter))
-        finally:
-            for w in (writer, up_writer):
-                w.close()
-            for w in (writer, up_writer):
-                with contextlib.suppress(Exception):
-                    await w.wait_closed()
+            up_reader, up_writer = await open_upstream(decision, resolve=self._resolve,
+                                                       connect=self._connect, tls_name=None)
+        except (ResolveError, EgressDenied, OSError) as exc:
+            sock.close()  # closed without a byte: the sandbox's TLS sees the failure
+            action = "deny" if isinstance(exc, EgressDenied) else "upstream_error"
             log.info("proxy.decision", sandbox=view.sandbox_id, host=decision.host, rule=decision.rule,
-                     action="splice", status=None, bytes=counter[0],
+                     action=action, error=str(exc), status=None, bytes=0,
+                     ms=round((loop.time() - started) * 1000, 3))
+            return
+        try:
+            reader, writer = await _streams(sock, None)
+        except BaseException:
+            sock.close()
+            up_writer.close()
+            raise
+        try:
+            await splice((reader, writer), (up_reader, up_writer), counter=counter)
+        finally:
+            await asyncio.gather(close_writer(writer), close_writer(up_writer))
+            log.info("proxy.decision", sandbox=view.sandbox_id, host=decision.host, rule=decision.rule,
+                     action=action, status=None, bytes=counter[0],
                      ms=round((loop.time() - started) * 1000, 3))

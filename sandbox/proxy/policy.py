@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 __all__ = [
-    "Target", "Route", "Policy", "Facts", "Decision",
-    "parse_target", "parse_host", "host_from_header", "decide", "match",
+    "Target", "Route", "Policy", "Facts", "Decision", "BadHost",
+    "parse_target", "parse_host", "parse_authority", "host_from_header", "decide", "match",
 ]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -25,7 +26,9 @@ DEFAULT_PORTS: dict[str, int] = {"http": 80, "https": 443}
 # A hostname label (letters, digits, '-', '_' — underscores appear in real service names)
 # where a glob may put '*' anywhere.
 _LABEL = re.compile(r"[a-z0-9_*-]{1,63}")
+_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # a label of a name the sandbox sent: no '*'
 _PORT = re.compile(r"[0-9]{1,5}")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 @dataclass(frozen=True)
@@ -157,26 +160,106 @@ def host_from_header(value: Optional[str]) -> Optional[str]:
     return v or None
 
 
+class BadHost(ValueError):
+    """A Host header / SNI the proxy refuses outright (400, or a closed TLS connection):
+    malformed, or an IP literal that is not the destination the kernel saw."""
+
+
+def parse_authority(value: str) -> tuple[str, Optional[int]]:
+    """Strictly parse a Host header value (or an SNI): `(host, port or None)`.
+
+    The host comes back normalised: lower-case, no trailing dot, IPv6 without brackets,
+    and an IPv4 literal in any spelling `inet_aton` (and so curl, browsers, libc) accepts
+    — `0x7f.1`, `2130706433`, `017.0.0.1` — as its dotted quad, so that it is compared
+    as the IP it is. Anything else that is not a plain DNS name is `BadHost`: the name
+    is later resolved by the runtime, and must mean the same thing to every parser.
+    """
+    if not isinstance(value, str):
+        raise BadHost(f"host must be a str, not {type(value).__name__}")
+    v = value.strip(" \t").lower()
+    if not v or len(v) > 262 or any(c in v for c in " \t@/\\?#%"):
+        raise BadHost(f"malformed host {value!r}")
+    port_text: Optional[str] = None
+    if v.startswith("["):
+        end = v.find("]")
+        rest = v[end + 1:] if end > 0 else "x"
+        if rest and not rest.startswith(":"):
+            raise BadHost(f"malformed host {value!r}")
+        try:
+            host = str(ipaddress.IPv6Address(v[1:end]))
+        except ValueError:
+            raise BadHost(f"malformed IPv6 host {value!r}") from None
+        port_text = rest[1:] if rest else None
+    else:
+        if v.count(":") > 1:
+            raise BadHost(f"IPv6 host without brackets: {value!r}")
+        host, sep, text = v.partition(":")
+        port_text = text if sep else None
+        if host.endswith("."):
+            host = host[:-1]
+        host = _normal_name(host, value)
+    port: Optional[int] = None
+    if port_text:  # "host:" (empty port) is allowed by RFC 3986 and means no port
+        if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+            raise BadHost(f"bad port in host {value!r}")
+        port = int(port_text)
+    return host, port
+
+
+def _normal_name(host: str, whole: str) -> str:
+    if not host:
+        raise BadHost(f"empty host in {whole!r}")
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        # A name that ends in a number is an IPv4 literal to URL parsers (WHATWG) and
+        # libc: take it as one when inet_aton agrees, refuse it otherwise.
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            raise BadHost(f"malformed numeric host {whole!r}") from None
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise BadHost(f"malformed host name {whole!r}")
+    return host
+
+
 @dataclass(frozen=True)
 class Facts:
     """What the proxy knows about one request or TLS connection.
 
-    `host`: from the Host header (HTTP) or SNI (HTTPS), normalized by
-    `host_from_header`, or None. `dst_ip`/`dst_port`: the original destination as the
-    kernel saw it (TPROXY). `scheme`: "https" for TLS connections (terminated or not).
+    `host`: from the Host header (HTTP) or SNI (HTTPS), normalised by `parse_authority`,
+    or None. `host_port`: the port written in the Host header, if any. `dst_ip`/
+    `dst_port`: the original destination as the kernel saw it (TPROXY). `scheme`:
+    "https" for TLS connections (terminated or not).
     """
 
     host: Optional[str]
     dst_ip: IPAddress
     dst_port: int
     scheme: Scheme = "http"
+    host_port: Optional[int] = None
 
     @classmethod
     def make(cls, host: Optional[str], dst_ip: Union[str, IPAddress], dst_port: int,
              scheme: Scheme = "http") -> Facts:
+        """`host` is the raw Host header / SNI (or None). `BadHost` (a ValueError) when it
+        is malformed, or is an IP literal other than the destination (SPEC §10: 400 /
+        closed): an IP in Host is matched as the destination, so it must *be* it."""
         if scheme not in DEFAULT_PORTS:
             raise ValueError(f"scheme must be http or https: {scheme!r}")
-        return cls(host_from_header(host), ipaddress.ip_address(dst_ip), int(dst_port), scheme)
+        dst = ipaddress.ip_address(dst_ip)
+        name, port = parse_authority(host) if host else (None, None)
+        facts = cls(name, dst, int(dst_port), scheme, port)
+        literal = facts.host_ip
+        if literal is not None:
+            if literal != dst:
+                raise BadHost(f"IP literal host {name} is not the destination {dst}")
+            if port is not None and port != facts.dst_port:
+                raise BadHost(f"IP literal host port {port} is not the destination port {facts.dst_port}")
+        return facts
 
     @property
     def host_ip(self) -> Optional[IPAddress]:
@@ -189,6 +272,19 @@ class Facts:
             return None
 
     @property
+    def host_name(self) -> Optional[str]:
+        """The Host/SNI when it is a name (not an IP literal): what name egress resolves."""
+        return self.host if self.host is not None and self.host_ip is None else None
+
+    @property
+    def name_port(self) -> int:
+        """The port name rules match and name egress connects to: the Host header's port,
+        or the original destination port when the Host has none. (A sandbox that sends
+        `Host: a.test:8080` to some IP on port 80 asks for a.test:8080, and the decision,
+        the egress and the Host the upstream sees all agree on that.)"""
+        return self.host_port if self.host_port is not None else self.dst_port
+
+    @property
     def display_host(self) -> str:
         return self.host or str(self.dst_ip)
 
@@ -197,13 +293,13 @@ def match(target: Target, facts: Facts, default_port: Optional[int] = None) -> b
     """Does `target` match? `default_port` is the port a port-less target stands for
     (80/443 for interception routes); None means a port-less target matches any port."""
     port = target.port if target.port is not None else default_port
-    if port is not None and port != facts.dst_port:
-        return False
     if target.kind in ("ip", "cidr"):
-        # IP rules look at the destination the kernel saw; an IP literal in Host is an IP too.
+        # IP rules look only at the destination the kernel saw (an IP literal in Host is
+        # that same address, or Facts.make refused it).
         assert target.network is not None
-        host_ip = facts.host_ip
-        return facts.dst_ip in target.network or (host_ip is not None and host_ip in target.network)
+        return (port is None or port == facts.dst_port) and facts.dst_ip in target.network
+    if port is not None and port != facts.name_port:
+        return False
     if target.pattern == "*":
         return True  # "all": also connections without a Host/SNI or with an IP literal
     if facts.host is None or facts.host_ip is not None:
@@ -288,6 +384,13 @@ class Decision:
     `terminate_tls`: only meaningful for HTTPS — True when the proxy must terminate TLS
     with the sandbox CA (a handler must see the request, or intercept_https is on so
     that policy is decided per request); False means splice the bytes untouched.
+
+    For "egress", where to (SPEC §10 "Where egress goes"): `upstream` is `(name, port)`
+    with `by_name` True — the runtime resolves the name through its pinned resolver and
+    never uses the address the sandbox dialled — or the original destination `(ip, port)`
+    with `by_name` False, only when an IP/CIDR rule allowed it or there is no name (no
+    Host/SNI, or an IP literal that is the destination). `denied_networks`: the IP/CIDR
+    entries of denied_hosts at decision time, which a resolved address must not be in.
     """
 
     kind: DecisionKind
@@ -295,10 +398,30 @@ class Decision:
     host: str
     handler: object = None
     terminate_tls: bool = False
+    upstream: Optional[tuple[str, int]] = None
+    by_name: bool = False
+    denied_networks: tuple[Target, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def deny_message(self) -> str:
         return f"denied by {self.rule}: {self.host}"
+
+    def refuses_address(self, ip: Union[str, IPAddress], port: int) -> bool:
+        """Whether denied_hosts forbids a resolved address (name egress): a name must
+        not lead where the sandbox could not go by dialling the address itself."""
+        addr = ipaddress.ip_address(ip)
+        return any(t.network is not None and addr in t.network and (t.port is None or t.port == port)
+                   for t in self.denied_networks)
+
+
+def _egress(facts: Facts, policy: Policy, rule: str, ip_rule: bool, terminate: bool) -> Decision:
+    name = facts.host_name
+    if name is not None and not ip_rule:
+        denied_ips = tuple(t for t in policy.denied_hosts if t.kind in ("ip", "cidr"))
+        return Decision("egress", rule, facts.display_host, terminate_tls=terminate,
+                        upstream=(name, facts.name_port), by_name=True, denied_networks=denied_ips)
+    return Decision("egress", rule, facts.display_host, terminate_tls=terminate,
+                    upstream=(str(facts.dst_ip), facts.dst_port), by_name=False)
 
 
 def decide(facts: Facts, policy: Policy) -> Decision:
@@ -323,12 +446,15 @@ def decide(facts: Facts, policy: Policy) -> Decision:
         for rule, handler in (("catch_all", policy.catch_all), ("class_catch_all", policy.class_catch_all)):
             if handler is not None:
                 return Decision("handler", rule, host, handler, terminate_tls=https)
-    # 5. egress to the real destination.
+    # 5. egress: to the name when a name allowed it, to the destination IP only when an
+    #    IP/CIDR rule did (or there is no name at all).
     # With intercept_https on, even egress is terminated so that a handler registered
     # later applies to the next request on this connection.
     terminate = https and policy.intercept_https
     if allowed:
-        return Decision("egress", "allowed_hosts", host, terminate_tls=terminate)
+        assert policy.allowed_hosts is not None
+        ip_rule = any(t.kind in ("ip", "cidr") and match(t, facts) for t in policy.allowed_hosts)
+        return _egress(facts, policy, "allowed_hosts", ip_rule, terminate)
     if policy.enable_internet:
-        return Decision("egress", "internet", host, terminate_tls=terminate)
+        return _egress(facts, policy, "internet", False, terminate)
     return Decision("deny", "no internet", host)
