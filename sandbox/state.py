@@ -7,7 +7,8 @@ One JSON file per runtime, `<state_dir>/runtimes/<tag>.json`:
      "pidns": "pid:[4026531836]", "tag": "a1b2c3",
      "host": {"table": "sandbox_a1b2c3", "mark": 1526..., "rt_table": 1526..., ...},
      "sandboxes": {"<sid>": {"netns": "/run/sandbox/netns/x", "veth": "sa1b2c3h0",
-                             "cgroup": "a1b2c3.<id>", "block": "10.213.0.0/30"}}}
+                             "cgroup": "a1b2c3.<id>", "block": "10.213.0.0/30",
+                             "certs": "/run/sandbox/certs/<tag>.<id>"}}}
 
 Write-ahead, not write-behind: a name is recorded *before* the object exists
 and forgotten only *after* it is gone, so after a kill -9 at any point the file
