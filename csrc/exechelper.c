@@ -11,12 +11,19 @@
  * process it forks until that process execs.
  *
  * Plan (built by sandbox/_native_api.py exec_argv):
- *   argv  sbx-exec NPROCS CAPS UID GID CWD PATH NGROUPS G... -- ARGV...
+ *   argv  sbx-exec NPROCS LATE CAPS UID GID CWD PATH NGROUPS G... -- ARGV...
  *   envp  the process's environment
  *   fds   0 1 2  the process's stdin, stdout, stderr
  *         3      the report pipe (write end; the runtime reads it async)
  *         4      pidfd of the sandbox's PID 1
- *         5..    NPROCS cgroup.procs fds to join
+ *         5..    NPROCS cgroup.procs fds to join: the helper joins the first
+ *                NPROCS-LATE before it forks (so the pids limit applies to
+ *                the fork), the process the LATE last ones (the memory
+ *                cgroup) first thing. The helper is never in the sandbox's
+ *                memory cgroup: the sandbox's memory pressure can neither
+ *                OOM-kill it nor fail its report, which would leave a child
+ *                of the runtime nobody knows of (and PID 1's exit waiting
+ *                for it to be reaped).
  * Report: fixed sbx_err records, each written atomically. The helper writes
  * {SBX_STEP_NONE, 0, host pid} once the process exists, or one error record;
  * the process writes an error record if its setup or execve fails. EOF (every
@@ -70,9 +77,17 @@ static void fail(int step, int err, const char *detail)
  * runtime's is reachable through /dev/tty, and no job-control signal of the
  * runtime's terminal reaches it), then the same confinement as PID 1, seccomp
  * last, then identity and execve. Never returns. */
-static void process(const struct sbx_proc *p, uint64_t caps)
+static void process(const struct sbx_proc *p, uint64_t caps, const int *late, int nlate)
 {
     int r, step;
+    if ((r = sbx_join_cgroup(late, nlate)) < 0) {
+        sbx_err_write(REPORT_FD, SBX_STEP_JOIN_CGROUP, -r, -1, NULL);
+        _exit(127);
+    }
+    if (nlate > 0 && syscall(SYS_close_range, late[0], late[nlate - 1], 0) < 0) {
+        sbx_err_write(REPORT_FD, SBX_STEP_CLOSE_FDS, errno, -1, NULL);
+        _exit(127);
+    }
     if (setsid() < 0) {
         sbx_err_write(REPORT_FD, SBX_STEP_STDIO, errno, -1, "setsid");
         _exit(127);
@@ -108,15 +123,15 @@ int main(int argc, char **argv, char **envp)
     /* Die with the runtime rather than finish an exec nobody waits for. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 
-    long long nprocs, uid, gid, ng;
-    if (argc < 10 || num(argv[1], 0, 64, &nprocs) < 0 ||
-        num(argv[3], 0, UINT_MAX - 1LL, &uid) < 0 || num(argv[4], 0, UINT_MAX - 1LL, &gid) < 0 ||
-        num(argv[7], 0, MAX_GROUPS, &ng) < 0 || 8 + ng + 1 >= argc ||
-        strcmp(argv[8 + ng], "--") != 0)
+    long long nprocs, nlate, uid, gid, ng;
+    if (argc < 11 || num(argv[1], 0, 64, &nprocs) < 0 || num(argv[2], 0, nprocs, &nlate) < 0 ||
+        num(argv[4], 0, UINT_MAX - 1LL, &uid) < 0 || num(argv[5], 0, UINT_MAX - 1LL, &gid) < 0 ||
+        num(argv[8], 0, MAX_GROUPS, &ng) < 0 || 9 + ng + 1 >= argc ||
+        strcmp(argv[9 + ng], "--") != 0)
         fail(SBX_STEP_FORK, EINVAL, "sbx-exec: bad plan");
     char *end;
     errno = 0;
-    uint64_t caps = strtoull(argv[2], &end, 10);
+    uint64_t caps = strtoull(argv[3], &end, 10);
     if (errno || *end)
         fail(SBX_STEP_FORK, EINVAL, "sbx-exec: bad caps");
     /* Whatever the runtime let through besides the plan's fds goes now,
@@ -129,16 +144,16 @@ int main(int argc, char **argv, char **envp)
         fail(SBX_STEP_FORK, ENOMEM, NULL);
     for (long long i = 0; i < ng; i++) {
         long long g;
-        if (num(argv[8 + i], 0, UINT_MAX - 1LL, &g) < 0)
+        if (num(argv[9 + i], 0, UINT_MAX - 1LL, &g) < 0)
             fail(SBX_STEP_FORK, EINVAL, "sbx-exec: bad group");
         groups[i] = (unsigned)g;
     }
     struct sbx_proc p;
     memset(&p, 0, sizeof p);
-    p.argv = (const char *const *)&argv[8 + ng + 1];
+    p.argv = (const char *const *)&argv[9 + ng + 1];
     p.envp = (const char *const *)envp;
-    p.path = argv[6];
-    p.cwd = argv[5];
+    p.path = argv[7];
+    p.cwd = argv[6];
     p.uid = (int)uid;
     p.gid = (int)gid;
     p.groups = groups;
@@ -148,13 +163,16 @@ int main(int argc, char **argv, char **envp)
     int procs[64];
     for (int i = 0; i < (int)nprocs; i++)
         procs[i] = PROCS_FD0 + i;
-    int r = sbx_join_cgroup(procs, (int)nprocs);
+    int early = (int)(nprocs - nlate);
+    int r = sbx_join_cgroup(procs, early);
     if (r < 0)
         fail(SBX_STEP_JOIN_CGROUP, -r, NULL);
     if (setns(PIDFD_FD, NS_ALL) < 0)
         fail(SBX_STEP_SETNS, errno, NULL);
-    /* The process gets 0..3 only: not PID 1's pidfd, not the cgroup files. */
-    if (syscall(SYS_close_range, PIDFD_FD, ~0U, 0) < 0)
+    /* The process gets 0..3 and the late cgroup files only: not PID 1's
+     * pidfd, not the cgroups already joined. */
+    if (close(PIDFD_FD) < 0 ||
+        (early > 0 && syscall(SYS_close_range, PROCS_FD0, PROCS_FD0 + early - 1, 0) < 0))
         fail(SBX_STEP_CLOSE_FDS, errno, NULL);
 
     /* A plain fork (small address space) into the joined PID namespace.
@@ -164,7 +182,7 @@ int main(int argc, char **argv, char **envp)
     if (pid < 0)
         fail(SBX_STEP_FORK, errno, NULL);
     if (pid == 0)
-        process(&p, caps);
+        process(&p, caps, procs + early, (int)nlate);
     sbx_err_write(REPORT_FD, SBX_STEP_NONE, 0, (int)pid, NULL);
     _exit(0);
 }

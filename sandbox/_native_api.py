@@ -147,24 +147,25 @@ def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: 
     return pid, pidfd[0], errfd[0]
 
 
-def exec_argv(proc: ProcSpec, caps: int, nprocs: int) -> list[str]:
+def exec_argv(proc: ProcSpec, caps: int, nprocs: int, late: int) -> list[str]:
     """The sbx-exec helper's plan, as its argv (csrc/exechelper.c): the kernel
     copies it into the helper's own address space at execve."""
-    return ["sbx-exec", str(nprocs), str(caps), str(proc.uid), str(proc.gid), proc.cwd, proc.path,
-            str(len(proc.groups)), *map(str, proc.groups), "--", *proc.argv]
+    return ["sbx-exec", str(nprocs), str(late), str(caps), str(proc.uid), str(proc.gid), proc.cwd,
+            proc.path, str(len(proc.groups)), *map(str, proc.groups), "--", *proc.argv]
 
 
-def spawn_exec(*, exe_fd: int, ns_pidfd: int, procs_fds: Sequence[int], caps: int,
+def spawn_exec(*, exe_fd: int, ns_pidfd: int, procs_fds: Sequence[int], late: int, caps: int,
                proc: ProcSpec, stdio: tuple[int, int, int], report_fd: int) -> int:
     """vfork-execs the sbx-exec helper (exe_fd), which joins the sandbox of
     ns_pidfd and forks the process as our child. Returns the helper's pidfd
     (the caller reaps it); the process's pid and any failure arrive on
-    report_fd's pipe (parse_report)."""
+    report_fd's pipe (parse_report). The process itself joins the last `late`
+    procs_fds (the memory cgroup), the helper the others."""
     k = _Keep()
     fds = [*stdio, report_fd, ns_pidfd, *procs_fds]
     pidfd = ffi.new("int *", -1)
-    r = lib.sbx_spawn(exe_fd, k.argv(exec_argv(proc, caps, len(procs_fds))), k.argv(proc.env),
-                      k.ints(fds), len(fds), pidfd)
+    argv = k.argv(exec_argv(proc, caps, len(procs_fds), late))
+    r = lib.sbx_spawn(exe_fd, argv, k.argv(proc.env), k.ints(fds), len(fds), pidfd)
     if r < 0:
         raise ExecError(-r, "fork", "sbx-exec")
     return pidfd[0]

@@ -35,6 +35,7 @@ class Resources:
     netns_fd: int = -1
     cgroup_fd: int = -1
     procs_fds: tuple[int, ...] = ()
+    procs_late: int = 0      # how many of procs_fds (the last ones) hold the memory controller
     nameserver: str = "127.0.0.1"
     cgroup: Any = None
     net: Any = None
@@ -257,11 +258,16 @@ class Runtime:
         res.cgroup = cg
         res.closers.append(cg.close)
         # Processes join by writing "0" to cgroup.procs themselves (exec's
-        # intermediate; PID 1 on v1); on v2 PID 1 is born inside it instead
-        # (CLONE_INTO_CGROUP).
-        fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in cg.paths]
+        # sbx-exec helper and its child; PID 1 on v1); on v2 PID 1 is born
+        # inside it instead (CLONE_INTO_CGROUP). The memory hierarchy comes
+        # last: an exec's helper stays out of it (the sandbox's memory
+        # pressure must not OOM-kill it or fail its report), its child joins it.
+        mem = {cg.dirs.get("memory"), cg.dirs.get("")} - {None}
+        paths = [d for d in cg.paths if d not in mem] + [d for d in cg.paths if d in mem]
+        fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in paths]
         res.closers.append(lambda: [os.close(fd) for fd in fds])
         res.procs_fds = tuple(fds)
+        res.procs_late = sum(d in mem for d in paths)
         if cg.dirfd is not None:
             res.cgroup_fd = cg.dirfd
 

@@ -395,9 +395,11 @@ class Sandbox(OutboundMixin):
             rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
             child_fds.append(rep_w)
             parent_fds.append(rep_r)
+            res = self._res
             helper = native.spawn_exec(
-                exe_fd=self._rt._exec_fd, ns_pidfd=self._pidfd.fd, procs_fds=self._res.procs_fds,
-                caps=DEFAULT_CAP_MASK, proc=proc, stdio=(in_fd, out_fd, err_fd), report_fd=rep_w)
+                exe_fd=self._rt._exec_fd, ns_pidfd=self._pidfd.fd, procs_fds=res.procs_fds,
+                late=res.procs_late, caps=DEFAULT_CAP_MASK, proc=proc,
+                stdio=(in_fd, out_fd, err_fd), report_fd=rep_w)
         except BaseException:
             for fd in parent_fds:
                 os.close(fd)

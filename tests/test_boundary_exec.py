@@ -443,3 +443,22 @@ async def test_cancelled_execs_leave_nothing_behind():
         assert codes == [128 + signal.SIGKILL] * len(codes)
         out = await (await box.exec(["echo", "ok"])).output()
         assert out.stdout == b"ok\n"
+
+
+@run
+async def test_exec_joins_every_cgroup_of_the_sandbox_memory_included():
+    """The helper joins all but the memory cgroup, the process that one
+    (csrc/exechelper.c): the process ends up where PID 1 is, in every
+    hierarchy."""
+    async with running() as (rt, box):
+        p = await box.exec(["sleep", "100"])
+        try:
+            with open(f"/proc/{p.host_pid}/cgroup") as f:
+                mine = sorted(f.read().splitlines())
+            with open(f"/proc/{box.pid}/cgroup") as f:
+                init = sorted(f.read().splitlines())
+        finally:
+            p.kill(signal.SIGKILL)
+        assert await p.exit_code == 128 + signal.SIGKILL
+    assert mine == init
+    assert any(":memory:" in line or line.startswith("0::") for line in mine), mine
