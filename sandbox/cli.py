@@ -47,6 +47,10 @@ def cli(ctx, state_dir, log_format, debug):
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--rootfs", type=click.Path(file_okay=False), help="root filesystem directory")
+@click.option("--image", default=None, metavar="REF", help="an OCI image (pulled on first use)")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST:PORT",
+              help="a registry spoken to over plain HTTP")
+@click.option("--registry-auth", default=None, metavar="PATH", help="Docker-style config.json")
 @click.option("--env", "envs", multiple=True, metavar="K=V", help="environment variable")
 @click.option("--no-internet", is_flag=True, help="only HTTP(S) through the proxy and DNS")
 @click.option("--allow-host", multiple=True, help="allowed host (deny-by-default)")
@@ -59,20 +63,23 @@ def cli(ctx, state_dir, log_format, debug):
 @click.option("--user", default=None, help="user name or UID for CMD")
 @click.option("--resolver", default=None, help="DNS resolver ip[:port]")
 @click.option("-i", "--interactive", is_flag=True, help="forward stdin (always on; for docker habits)")
-@click.argument("cmd", nargs=-1, required=True)
+@click.argument("cmd", nargs=-1, required=False)
 @click.pass_context
-def run(ctx, rootfs, envs, no_internet, allow_host, deny_host, memory, pids, cpus, name, cwd,
-        user, resolver, interactive, cmd):
+def run(ctx, rootfs, image, insecure, registry_auth, envs, no_internet, allow_host, deny_host,
+        memory, pids, cpus, name, cwd, user, resolver, interactive, cmd):
     """Run CMD as the entrypoint of one sandbox in the foreground.
 
     When stdin is a terminal, CMD gets a terminal of its own (a pty of the
     sandbox, as `docker run -t`), relayed to this one in raw mode."""
     env = _env_pairs(envs)
+    if not cmd and image is None:
+        raise click.UsageError("missing CMD (or --image REF, whose config names one)")
     user_v = int(user) if user is not None and user.isdigit() else user
     code = asyncio.run(_run(ctx.obj, dict(
         rootfs=rootfs, env=env, internet=not no_internet, allow=list(allow_host),
         deny=list(deny_host), memory=memory, pids=pids, cpus=cpus, name=name, cwd=cwd,
-        user=user_v, resolver=resolver, cmd=list(cmd))))
+        user=user_v, resolver=resolver, cmd=list(cmd) or None, image=image,
+        insecure=list(insecure), registry_auth=registry_auth)))
     sys.exit(code)
 
 
@@ -80,7 +87,8 @@ async def _run(obj, o) -> int:
     from . import ExecError, Runtime
     loop = asyncio.get_running_loop()
     try:
-        rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"])
+        rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"],
+                     insecure_registries=o.get("insecure", ()), registry_auth=o.get("registry_auth"))
     except (TypeError, ValueError) as e:
         raise click.UsageError(str(e))
     box = None
@@ -122,27 +130,43 @@ async def _run(obj, o) -> int:
     try:
         async with rt:
             try:
-                box = rt.sandbox(o["name"], rootfs=o["rootfs"], memory=o["memory"], pids=o["pids"],
+                box = rt.sandbox(o["name"], rootfs=o["rootfs"], image=o.get("image"),
+                                 memory=o["memory"], pids=o["pids"],
                                  cpus=o["cpus"])
                 _apply_hosts(box, o)
             except (TypeError, ValueError) as e:
                 raise click.UsageError(str(e))
+            # Without a pty, an fd of ours that is a terminal is not handed
+            # in either: the sandbox could read the operator's keystrokes or
+            # change the terminal's settings through it. Such streams go
+            # through a pipe that we copy out.
+            stdio, copies = (None, []) if tty_mode else _plain_stdio()
             try:
-                await box.start(env=o["env"], entrypoint=o["cmd"], enable_internet=o["internet"],
-                                cwd=o["cwd"], user=o["user"],
-                                stdio=None if tty_mode else (0, 1, 2), console=tty_mode)
+                try:
+                    await box.start(env=o["env"], entrypoint=o["cmd"], enable_internet=o["internet"],
+                                    cwd=o["cwd"], user=o["user"], stdio=stdio, console=tty_mode)
+                except BaseException:
+                    for c in copies:
+                        c.close()
+                    raise
+                for c in copies:
+                    c.started()
             except ExecError as e:
                 if e.step == "execve" and e.errno in (errno.ENOENT, errno.ENOTDIR):
-                    raise Failure(f"{o['cmd'][0]}: command not found", 127)
+                    raise Failure(f"{(o['cmd'] or ['entrypoint'])[0]}: command not found", 127)
                 if e.step == "execve":
-                    raise Failure(f"{o['cmd'][0]}: {e.strerror}", 126)
+                    raise Failure(f"{(o['cmd'] or ['entrypoint'])[0]}: {e.strerror}", 126)
                 raise Failure(str(e))
             except ValueError as e:
                 raise click.UsageError(str(e))
             if not tty_mode:
                 for sig in pending:
                     box.signal(sig)
-                return await _wait(box)
+                try:
+                    return await _wait(box)
+                finally:
+                    for c in copies:
+                        await c.done()
             from .console import TerminalRelay
             master = os.dup(box.console_fd)   # ours: the sandbox closes its own at release
             try:
@@ -158,6 +182,69 @@ async def _run(obj, o) -> int:
     finally:
         for s in FORWARDED:
             loop.remove_signal_handler(s)
+
+
+class _Copy:
+    """Copies a pipe the sandbox writes to one of our fds (a terminal)."""
+
+    def __init__(self, dst: int):
+        self.dst = dst
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        self._eof = asyncio.get_running_loop().create_future()
+
+    def started(self) -> None:
+        """The child holds the write end now: ours goes, and we read."""
+        if self.w >= 0:
+            os.close(self.w)
+            self.w = -1
+        os.set_blocking(self.r, False)
+        asyncio.get_running_loop().add_reader(self.r, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.r, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            os.write(self.dst, data)   # our own terminal: a blocking write is fine
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for attr in ("w", "r"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                if attr == "r":
+                    asyncio.get_running_loop().remove_reader(fd)
+                os.close(fd)
+                setattr(self, attr, -1)
+        if not self._eof.done():
+            self._eof.set_result(None)
+
+    async def done(self) -> None:
+        # Every writer died with the sandbox: EOF is due; bounded anyway.
+        try:
+            await asyncio.wait_for(asyncio.shield(self._eof), 5)
+        except asyncio.TimeoutError:
+            pass
+        self.close()
+
+
+def _plain_stdio() -> tuple[tuple[int, int, int], list]:
+    fds, copies = [0], []
+    for fd in (1, 2):
+        if os.isatty(fd):
+            c = _Copy(fd)
+            copies.append(c)
+            fds.append(c.w)
+        else:
+            fds.append(fd)
+    return (fds[0], fds[1], fds[2]), copies
 
 
 async def _wait(box) -> int:
@@ -216,6 +303,7 @@ def main(argv=None) -> None:
 # Subcommands living in their own modules register themselves on `cli`.
 from . import cli_gc  # noqa: E402,F401
 from . import cli_serve  # noqa: E402,F401
+from . import cli_images  # noqa: E402,F401
 
 
 if __name__ == "__main__":

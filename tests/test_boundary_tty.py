@@ -339,3 +339,24 @@ def test_api_console(tmp_path):
             await box.destroy()
             assert box.console_fd is None
     asyncio.run(main())
+
+
+def test_operator_terminal_is_not_handed_in_without_a_pty(terminals):
+    """stdin is not a terminal but stdout/stderr are: the sandbox gets pipes
+    (copied out by the runtime), never the operator's terminal, so it can
+    neither read the operator's keystrokes nor change the terminal."""
+    probe = ("import os, termios\n"
+             "print('FD1', os.readlink('/proc/self/fd/1'), 'FD2', os.readlink('/proc/self/fd/2'),"
+             " flush=True)\n"
+             "for fd in (1, 2):\n"
+             "    try:\n"
+             "        a = termios.tcgetattr(fd); a[3] &= ~termios.ECHO\n"
+             "        termios.tcsetattr(fd, termios.TCSANOW, a); print('ECHO-OFF', fd, flush=True)\n"
+             "    except termios.error as e:\n"
+             "        print('NOTTY', fd, flush=True)\n")
+    t = terminals([*SANDBOX, "run", "--", "python3", "-c", probe], stdin_null=True)
+    m = t.expect(rb"FD1 (\S+) FD2 (\S+)")
+    assert m.group(1).startswith(b"pipe:") and m.group(2).startswith(b"pipe:"), m.group(0)
+    assert t.wait() == 0
+    assert b"ECHO-OFF" not in t.buf and t.buf.count(b"NOTTY") == 2
+    assert termios.tcgetattr(t.fd)[3] & termios.ECHO

@@ -11,7 +11,8 @@ CLI = [sys.executable, "-m", "sandbox"]
 
 
 def run(*args, stdin=None):
-    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, timeout=50)
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, timeout=50,
+                          **({} if stdin is not None else {"stdin": subprocess.DEVNULL}))
 
 
 def test_hello_and_stdin_forwarded():
