@@ -112,8 +112,6 @@ class Sandbox(OutboundMixin):
             self._outcome = asyncio.get_running_loop().create_future()
         return self._outcome
 
-    # -- lifecycle ---------------------------------------------------------
-    async def start(self, env=None, entrypoint=None, enable_internet: bool = True, *,
     # -- console (a pty of the sandbox's own, as `docker run -t`) -----------
     _console_fd = -1
 
@@ -130,6 +128,8 @@ class Sandbox(OutboundMixin):
             self._console_fd = -1
         os.close(fd)
 
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self, env=None, entrypoint=None, enable_internet: bool = True, *,
                     cwd: str | None = None, user: str | int | None = None,
                     stdio: tuple[int, int, int] | None = None, console: bool = False) -> None:
         """`console=True` (an extra of this runtime, not in the contract): the
