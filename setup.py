@@ -53,6 +53,8 @@ setup(
         "h11>=0.14",
         "dnspython>=2.4",
         "cryptography>=41",
+        "httpx>=0.24",        # image registry client (sandbox/images/registry.py)
+        "zstandard>=0.19",    # zstd image layers
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"]},
     cmdclass={"build_ext": BuildExtWithInit},

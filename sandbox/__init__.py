@@ -1,6 +1,7 @@
 """A low-level Linux sandbox runtime (see SPEC.md)."""
-from .errors import (ContainerError, ContainerExitError, ExecError, SandboxError,
+from .errors import (ContainerError, ContainerExitError, ExecError, ImageError, SandboxError,
                      SandboxNotRunning)
+from .images import Image
 from .process import ExecOutput, ExecProcess
 from .ports import TcpPort
 from .proxy.client import fetch
@@ -10,4 +11,5 @@ from .sandbox import Sandbox
 from .container import Container
 
 __all__ = ["TcpPort", "Request", "Response", "fetch", "Runtime", "Sandbox", "Container", "ExecProcess", "ExecOutput", "SandboxError",
-           "SandboxNotRunning", "ContainerError", "ContainerExitError", "ExecError"]
+           "SandboxNotRunning", "ContainerError", "ContainerExitError", "ExecError",
+           "ImageError", "Image"]

@@ -47,6 +47,10 @@ def cli(ctx, state_dir, log_format, debug):
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--rootfs", type=click.Path(file_okay=False), help="root filesystem directory")
+@click.option("--image", default=None, metavar="REF", help="an OCI image (pulled on first use)")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST:PORT",
+              help="a registry spoken to over plain HTTP")
+@click.option("--registry-auth", default=None, metavar="PATH", help="Docker-style config.json")
 @click.option("--env", "envs", multiple=True, metavar="K=V", help="environment variable")
 @click.option("--no-internet", is_flag=True, help="only HTTP(S) through the proxy and DNS")
 @click.option("--allow-host", multiple=True, help="allowed host (deny-by-default)")
@@ -59,20 +63,23 @@ def cli(ctx, state_dir, log_format, debug):
 @click.option("--user", default=None, help="user name or UID for CMD")
 @click.option("--resolver", default=None, help="DNS resolver ip[:port]")
 @click.option("-i", "--interactive", is_flag=True, help="forward stdin (always on; for docker habits)")
-@click.argument("cmd", nargs=-1, required=True)
+@click.argument("cmd", nargs=-1, required=False)
 @click.pass_context
-def run(ctx, rootfs, envs, no_internet, allow_host, deny_host, memory, pids, cpus, name, cwd,
-        user, resolver, interactive, cmd):
+def run(ctx, rootfs, image, insecure, registry_auth, envs, no_internet, allow_host, deny_host,
+        memory, pids, cpus, name, cwd, user, resolver, interactive, cmd):
     """Run CMD as the entrypoint of one sandbox in the foreground.
 
     When stdin is a terminal, CMD gets a terminal of its own (a pty of the
     sandbox, as `docker run -t`), relayed to this one in raw mode."""
     env = _env_pairs(envs)
+    if not cmd and image is None:
+        raise click.UsageError("missing CMD (or --image REF, whose config names one)")
     user_v = int(user) if user is not None and user.isdigit() else user
     code = asyncio.run(_run(ctx.obj, dict(
         rootfs=rootfs, env=env, internet=not no_internet, allow=list(allow_host),
         deny=list(deny_host), memory=memory, pids=pids, cpus=cpus, name=name, cwd=cwd,
-        user=user_v, resolver=resolver, cmd=list(cmd))))
+        user=user_v, resolver=resolver, cmd=list(cmd) or None, image=image,
+        insecure=list(insecure), registry_auth=registry_auth)))
     sys.exit(code)
 
 
@@ -80,7 +87,8 @@ async def _run(obj, o) -> int:
     from . import ExecError, Runtime
     loop = asyncio.get_running_loop()
     try:
-        rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"])
+        rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"],
+                     insecure_registries=o.get("insecure", ()), registry_auth=o.get("registry_auth"))
     except (TypeError, ValueError) as e:
         raise click.UsageError(str(e))
     box = None
@@ -122,7 +130,8 @@ async def _run(obj, o) -> int:
     try:
         async with rt:
             try:
-                box = rt.sandbox(o["name"], rootfs=o["rootfs"], memory=o["memory"], pids=o["pids"],
+                box = rt.sandbox(o["name"], rootfs=o["rootfs"], image=o.get("image"),
+                                 memory=o["memory"], pids=o["pids"],
                                  cpus=o["cpus"])
                 _apply_hosts(box, o)
             except (TypeError, ValueError) as e:

@@ -39,8 +39,11 @@ def socket_option(f):
 @cli.command("serve")
 @socket_option
 @click.option("--resolver", default=None, help="DNS resolver ip[:port]")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST:PORT",
+              help="a registry spoken to over plain HTTP")
+@click.option("--registry-auth", default=None, metavar="PATH", help="Docker-style config.json")
 @click.pass_context
-def serve_command(ctx, socket_path, resolver):
+def serve_command(ctx, socket_path, resolver, insecure, registry_auth):
     """Run the runtime as a daemon: a JSON-over-HTTP API on a unix socket.
 
     Prints "ready PATH" on stdout once it accepts connections. SIGTERM or
@@ -61,7 +64,8 @@ def serve_command(ctx, socket_path, resolver):
         sys.stdout.flush()
 
     try:
-        asyncio.run(serve(ctx.obj["state_dir"], path, resolver, ready=ready))
+        asyncio.run(serve(ctx.obj["state_dir"], path, resolver, ready=ready,
+                          insecure_registries=list(insecure), registry_auth=registry_auth))
     except BadArgument as e:
         raise click.UsageError(str(e))
     except ServerBusy as e:

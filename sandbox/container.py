@@ -106,6 +106,7 @@ def _listening_ports(pid: int) -> set[int]:
 class Container:
     # -- configuration (SPEC §6); subclasses override ---------------------------------
     entrypoint: Optional[list[str]] = None
+    image: Optional[str] = None        # SPEC §11: an image reference; None: the default rootfs
     default_port: Optional[int] = None
     env_vars: dict[str, str] = {}
     enable_internet: bool = True
@@ -120,7 +121,9 @@ class Container:
     def __init__(self, runtime, name: Optional[str] = None, **sandbox_options: Any) -> None:
         cls = type(self)
         self.runtime = runtime
-        self._sandbox_options = sandbox_options   # rootfs, memory, pids, cpus
+        if self.image is not None and "image" not in sandbox_options and "rootfs" not in sandbox_options:
+            sandbox_options = {**sandbox_options, "image": self.image}
+        self._sandbox_options = sandbox_options   # rootfs, image, memory, pids, cpus
         # Validate the class configuration once, here: a malformed target is a
         # ValueError when the container is made, not a silent no-match later.
         self._sleep_after = _seconds(self.sleep_after, "sleep_after")

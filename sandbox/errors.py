@@ -58,5 +58,21 @@ class NativeError(SandboxError, OSError):
         return self.args[1]
 
 
+class ImageError(SandboxError):
+    """An image could not be had (SPEC §11): a bad reference, an unknown image,
+    a digest mismatch, an unreachable or refusing registry, a refused layer.
+    `ref` is the reference as given, `reason` one line; `kind` says which
+    (bad-reference, not-found, unreachable, denied, digest, refused, in-use)."""
+
+    def __init__(self, ref: str, reason: str, kind: str = "failed"):
+        super().__init__(f"image {ref}: {reason}")
+        self.ref = ref
+        self.reason = reason
+        self.kind = kind
+
+    def __reduce__(self):
+        return (type(self), (self.ref, self.reason, self.kind))
+
+
 __all__ = ["SandboxError", "SandboxNotRunning", "ContainerError", "ContainerExitError",
-           "ExecError", "NativeError"]
+           "ExecError", "NativeError", "ImageError"]

@@ -194,6 +194,17 @@ def _collect_state_dir(ctx: _Context, state_dir: str) -> None:
                 _collect_runtime(ctx, state_dir, record)
             ctx.report.problems.extend(f"{p}: {why}" for p, why in problems)
     ctx.step(f"netns dir {_netns_dir(state_dir)}", _release_netns_dir, ctx, state_dir)
+    ctx.step(f"image store {state_dir}/images", _collect_images, ctx, state_dir)
+
+
+def _collect_images(ctx: _Context, state_dir: str) -> None:
+    """What pulls that died left in the state dir's image store (temp blobs,
+    half-unpacked layers): only entries whose lock no live pull holds."""
+    from .images.maint import collect_debris
+    root = os.path.join(state_dir, "images")
+    if os.path.isdir(root):
+        for path in collect_debris(root):
+            ctx.removed("image-debris", path)
 
 
 @contextlib.contextmanager

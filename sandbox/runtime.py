@@ -80,10 +80,19 @@ def sealed_executable(path: str) -> int:
 
 
 class Runtime:
-    def __init__(self, state_dir: str = "/run/sandbox", resolver: str | None = None):
+    def __init__(self, state_dir: str = "/run/sandbox", resolver: str | None = None, *,
+                 insecure_registries=(), registry_auth=None, max_layer_bytes: int = 8 << 30,
+                 image_store=None):
         if not isinstance(state_dir, (str, os.PathLike)):
             raise TypeError("state_dir must be a path")
         self.state_dir = os.path.abspath(os.fspath(state_dir))
+        # Images (SPEC §11): options checked now; the store is made on first use.
+        from . import images as _images
+        insecure = _images.check_options(insecure_registries, registry_auth, max_layer_bytes,
+                                         image_store)
+        self._images = _images.ImageService(
+            image_store if image_store is not None else os.path.join(self.state_dir, "images"),
+            insecure, registry_auth, max_layer_bytes)
         if resolver is not None:
             from .proxy.dns import parse_resolver
             if not isinstance(resolver, str):
@@ -194,7 +203,7 @@ class Runtime:
         self._init_fd = self._exec_fd = -1
 
     # -- sandboxes -------------------------------------------------------
-    def sandbox(self, name: str | None = None, *, rootfs=None, memory=None, pids=None,
+    def sandbox(self, name: str | None = None, *, rootfs=None, image=None, memory=None, pids=None,
                 cpus=None, log_limit=None) -> Sandbox:
         if name is None:
             while True:
@@ -206,11 +215,16 @@ class Runtime:
         if name in self._sandboxes:
             raise ValueError(f"sandbox name {name!r} is already in use")
         root = _rootfs.check_rootfs(rootfs) if rootfs is not None else None
+        if image is not None and rootfs is not None:
+            raise ValueError("rootfs and image exclude each other")
+        from .images import parse as _parse_image
+        ref = _parse_image(image) if image is not None else None   # ImageError now
         limits = self._limits(memory, pids, cpus)
         logs = check_log_limit(log_limit)
         if not self._entered:
             raise SandboxError("the Runtime is not open: use `async with Runtime() as rt`")
         box = Sandbox(self, name, rootfs=root, limits=limits, log_limit=logs)
+        box._image_ref = ref
         self._sandboxes[name] = box
         return box
 
@@ -225,10 +239,33 @@ class Runtime:
     def sandboxes(self) -> list[Sandbox]:
         return list(self._sandboxes.values())
 
+    # -- images (SPEC §11; sandbox/images/) -----------------------------------
+    async def pull(self, ref, progress=None):
+        """Pull ref into the store (again: a tag is looked up anew) -> Image.
+        `progress(phase, digest, done, total, seconds)` is called as bytes arrive."""
+        return await self._images.pull(ref, progress)
+
+    def images(self) -> list:
+        """Every stored image, one entry per name."""
+        return self._images.images()
+
+    async def remove_image(self, ref) -> list[str]:
+        return await self._images.remove(ref)
+
+    async def prune_images(self) -> list[str]:
+        return await self._images.prune()
+
+    async def _image_for(self, box: Sandbox):
+        """The image of an image sandbox, pulled on first use; ImageError
+        before the sandbox has any state."""
+        return await self._images.get_or_pull(box._image_ref)
+
     # -- resources (called by Sandbox) -------------------------------------
     async def _acquire(self, box: Sandbox, enable_internet: bool) -> Resources:
         res = Resources()
         try:
+            if box._image is not None:      # held while it runs: prune keeps its layers
+                res.closers.append((await self._images.lease(box._image, box._image_ref.given)).close)
             net = await self._net.attach(box, enable_internet)
             self._parts[net.sid] = {"net", "cgroup"}
             res.closers.append(lambda: self._part_done(net.sid, "cgroup"))
@@ -291,6 +328,11 @@ class Runtime:
         etc = _rootfs.EtcFiles(hostname=box.name[:64], nameserver=res.nameserver,
                                machine_id=machine_id)
         certs = self._cert_dir(box, res)
+        if box._image is not None:
+            from .images.plan import image_plan
+            return image_plan(self._root_dir, self._scratch_dir,
+                              self._images.store.lowerdirs(box._image), etc, certs,
+                              workdir=box._image.config.working_dir)
         if box._rootfs is None:
             return _rootfs.default_plan(self._root_dir, etc, certs)
         return _rootfs.dir_plan(self._root_dir, self._scratch_dir, box._rootfs, etc, certs)
@@ -316,10 +358,13 @@ class Runtime:
     def _names(self):
         return self._net.names if self._net is not None else None
 
-    def _etc_users(self, rootfs: str | None) -> tuple[str, str]:
+    def _etc_users(self, rootfs: str | None, image=None) -> tuple[str, str]:
         """passwd and group for the entrypoint's user=. A rootfs=DIR is the
         operator's path but its content is hostile: read confined below it,
-        bounded, never blocking (sandbox/safefs.py)."""
+        bounded, never blocking (sandbox/safefs.py). An image's were read at
+        pull time from its layers (sandbox/images/merged.py)."""
+        if image is not None:
+            return self._images.store.etc_users(image)
         if rootfs is None:
             return _DEFAULT_USERS
         try:

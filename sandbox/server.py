@@ -254,13 +254,13 @@ class Server(Endpoints):
 
 
 async def serve(state_dir: str, socket_path: str, resolver: str | None = None,
-                ready=None) -> None:
+                ready=None, **runtime_options) -> None:
     """Runs until SIGTERM/SIGINT; then destroys every sandbox and removes the socket."""
     from .runtime import Runtime
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:
-        rt = Runtime(state_dir=state_dir, resolver=resolver)
+        rt = Runtime(state_dir=state_dir, resolver=resolver, **runtime_options)
     except (TypeError, ValueError) as e:
         raise BadArgument(str(e)) from None
     async with rt:

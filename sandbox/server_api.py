@@ -27,7 +27,7 @@ from .server_json import _handlers, _host_list, _only, _opt, _signo, _stats, det
 # Same logger as the daemon: the events ("server.create", ...) are unchanged.
 log = get_logger("sandbox.server")
 
-CREATE_FIELDS = ("name", "rootfs", "memory", "pids", "cpus", "log_limit", "env", "entrypoint",
+CREATE_FIELDS = ("name", "rootfs", "image", "memory", "pids", "cpus", "log_limit", "env", "entrypoint",
                  "enable_internet", "allowed_hosts", "denied_hosts", "start")
 START_FIELDS = ("env", "entrypoint", "enable_internet")
 EXEC_FIELDS = ("cmd", "cwd", "env", "user", "stdin", "stderr")
@@ -46,6 +46,17 @@ class Endpoints:
         args: tuple = ()
         if p == ["stats"]:
             table = {"GET": self.get_stats}
+        elif p and p[0] == "images" and len(p) <= 2:
+            # docs/api.md "Images" (sandbox/server_images.py); a ref is one
+            # URL-encoded segment: /images/127.0.0.1%3A5000%2Fteam%2Fapp%3A1
+            from . import server_images as si
+            rt = self.rt
+            if len(p) == 1:
+                table = {"GET": lambda r: si.list_images(rt, r), "POST": lambda r: si.pull_image(rt, r)}
+            elif p[1] == "prune":
+                table = {"POST": lambda r: si.prune_images(rt, r)}
+            else:
+                table = {"DELETE": lambda r, ref=p[1]: si.remove_image(rt, r, ref)}
         elif p == ["sandboxes"]:
             table = {"GET": self.list_sandboxes, "POST": self.create}
         elif len(p) == 2 and p[0] == "sandboxes":
@@ -112,13 +123,19 @@ class Endpoints:
     async def create(self, req: Request):
         o = await req.json()
         _only(o, CREATE_FIELDS, "POST /sandboxes")
-        for k in ("name", "rootfs"):
+        for k in ("name", "rootfs", "image"):
             _opt(o, k, str, "a string")
         start = o.get("start", True)
         if not isinstance(start, bool):
             raise TypeError("start must be a bool")
         _host_list(o, "allowed_hosts"), _host_list(o, "denied_hosts")
-        box = self.rt.sandbox(o.get("name"), rootfs=o.get("rootfs"), memory=o.get("memory"),
+        from .server_images import image_errors
+        with image_errors():
+            return await self._create(req, o, start)
+
+    async def _create(self, req: Request, o: dict, start: bool):
+        box = self.rt.sandbox(o.get("name"), rootfs=o.get("rootfs"), image=o.get("image"),
+                              memory=o.get("memory"),
                               log_limit=o.get("log_limit"),
                               pids=o.get("pids"), cpus=o.get("cpus"))
         try:
@@ -142,7 +159,9 @@ class Endpoints:
         _only(o, START_FIELDS, "POST /sandboxes/{name}/start")
         if box.state == "running":
             raise HttpError(409, f"sandbox {box.name} is already running")
-        await box.start(**o)
+        from .server_images import image_errors
+        with image_errors():
+            await box.start(**o)
         await req.reply(200, {"id": box.id, "name": box.name, "state": box.state,
                               "pid": box.pid or None})
 

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "install.sh: run as root" >&2; exit 1; fi
 need=()
-for p in nftables iproute2 gcc libc6-dev python3-dev curl; do
+# docker-registry, skopeo, umoci, busybox-static: the image tests and bench (a real
+# registry on 127.0.0.1, skopeo-made OCI layouts and docker archives, busybox images).
+for p in nftables iproute2 gcc libc6-dev python3-dev curl docker-registry skopeo umoci busybox-static; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
