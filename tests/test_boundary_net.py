@@ -829,3 +829,81 @@ def test_serve_fetch_of_a_large_body_streams():
         assert rc == 0, open(os.path.join(tmp, "server.log")).read()[-3000:]
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- every accept loop backs off when the process is out of descriptors --------------------
+
+def test_every_accept_loop_backs_off_when_out_of_descriptors(tmp_path):
+    """The proxy listener, the DNS forwarder's TCP side and serve's unix socket: with
+    EMFILE, none spins (heartbeat, CPU), and each serves its queued client afterwards."""
+    from types import SimpleNamespace
+
+    import dns.message
+
+    from sandbox.proxy.dns import DNSForwarder, SyntheticNames
+    from sandbox.proxy.listener import ProxyServer
+    from sandbox.proxy.policy import Route, parse_target
+    from sandbox.server import Server
+
+    async def kv(request, ctx):
+        return Response("kv")
+
+    async def main():
+        names = SyntheticNames()
+        names.add("my.kv")
+        view = SimpleNamespace(sandbox_id="s", ca=None, policy=Policy(routes=(Route(parse_target("my.kv"), kv),)))
+        proxy = ProxyServer(lambda ip: view, names=names, transparent=False,
+                            original_dst=lambda s: ("198.18.0.1", 80))
+        fwd = DNSForwarder(names, "127.0.0.1:9")
+        api = Server(SimpleNamespace(sandboxes=[], state_dir=str(tmp_path)), str(tmp_path / "api.sock"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        async with proxy, fwd, Heartbeat() as hb:
+            await api.start()
+            loop = asyncio.get_running_loop()
+            clients = [socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC),
+                       socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC),
+                       socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)]
+            query = dns.message.make_query("my.kv", "A").to_wire()
+            sends = [b"GET / HTTP/1.1\r\nHost: my.kv\r\nConnection: close\r\n\r\n",
+                     len(query).to_bytes(2, "big") + query,
+                     b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"]
+            try:
+                hog = []
+                resource.setrlimit(resource.RLIMIT_NOFILE, (_open_fds() + 32, hard))
+                try:
+                    with contextlib.suppress(OSError):
+                        while True:
+                            hog.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+                    # Connecting needs no new descriptor here; accepting one does.
+                    for sock, where, data in zip(clients, (proxy.address, fwd.address, api.path), sends):
+                        sock.connect(where)
+                        sock.sendall(data)
+                    hb.reset()
+                    cpu0, t0 = time.process_time(), time.monotonic()
+                    await asyncio.sleep(1.2)    # a measurement window, not a synchronisation
+                    cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+                    assert hb.gap < 0.5, f"event loop stalled {hb.gap:.2f}s"
+                    assert cpu < 0.5 * wall, f"spinning: {cpu:.2f}s CPU in {wall:.2f}s"
+                finally:
+                    for fd in hog:
+                        os.close(fd)
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                answers = []
+                for sock in clients:
+                    sock.setblocking(False)
+                    data = b""
+                    async with asyncio.timeout(10):
+                        while chunk := await loop.sock_recv(sock, 65536):
+                            data += chunk
+                            if sock is clients[1] and len(data) >= 2 and len(data) >= 2 + int.from_bytes(data[:2], "big"):
+                                break
+                    answers.append(data)
+            finally:
+                for sock in clients:
+                    sock.close()
+                await api.close()
+        assert answers[0].startswith(b"HTTP/1.1 200") and answers[0].endswith(b"kv")
+        reply = dns.message.from_wire(answers[1][2:])
+        assert reply.answer and reply.answer[0][0].address.startswith("198.18.")
+        assert answers[2].startswith(b"HTTP/1.1 200")
+    asyncio.run(main())
