@@ -36,6 +36,11 @@ class Pidfd:
         if not self.exited.done():
             self.exited.set_result(code)
 
+    def poll(self) -> None:
+        """Reaps now if the process has exited (no wait for the loop)."""
+        if self.fd >= 0:
+            self._ready()
+
     def signal(self, signo: int) -> bool:
         """Queues signo; False when the process has already exited."""
         if self.fd < 0:
@@ -173,5 +178,6 @@ async def exec_report(helper_pidfd: int, report_fd: int) -> ExecReport:
 
     # two records at most: the helper's, and the process's if it failed
     await read_records(report_fd, native.ERR_RECORD.size, on_record, max_records=2)
+    helper.poll()     # it has usually exited by now: reap without another loop turn
     rep.helper_code = await helper.exited
     return rep

@@ -185,7 +185,8 @@ def test_runtime_is_not_dumpable():
 EXE_PROBE = r"""
 import errno, json, os
 r = {"link": os.readlink("/proc/1/exe")}
-for name, flags in (("wronly", os.O_WRONLY), ("rdwr", os.O_RDWR), ("trunc", os.O_WRONLY | os.O_TRUNC)):
+for name, flags in (("wronly", os.O_WRONLY), ("rdwr", os.O_RDWR),
+                    ("trunc", os.O_WRONLY | os.O_TRUNC)):
     try:
         fd = os.open("/proc/1/exe", flags)
         try:
