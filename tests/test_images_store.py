@@ -51,7 +51,7 @@ import asyncio, sys, sandbox
 async def main():
     rt = sandbox.Runtime(state_dir=sys.argv[1], insecure_registries=[sys.argv[2]])
     def progress(phase, digest, done, total, secs):
-        if phase == sys.argv[4] and done > 0:
+        if phase == sys.argv[4] and digest == sys.argv[5] and done > 0:
             print("halfway", flush=True)
     await rt.pull(sys.argv[3], progress=progress)
 asyncio.run(main())
@@ -67,7 +67,9 @@ async def test_sigkill_halfway_then_pull_again_and_gc(registry, tmp_path):
     state = str(tmp_path / "state")
     store = os.path.join(state, "images")
     for phase in ("download", "unpack"):
-        p = subprocess.Popen([sys.executable, "-c", PULLER, state, registry.host, ref, phase],
+        # halfway through the big layer (the small one may finish before the kill lands)
+        p = subprocess.Popen([sys.executable, "-c", PULLER, state, registry.host, ref, phase,
+                              ik.sha(img.blobs[2])],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             assert p.stdout.readline() == b"halfway\n"
