@@ -354,11 +354,15 @@ def test_ambiguous_hosts_are_refused_and_nothing_leaves(tmp_path):
                 # TLS with an IP literal SNI that is not the destination: closed.
                 r = await c.send(B, 443, req("/tls-ip"), tls=True, sni=w.A.ip, cafile=CA_INSIDE)
                 assert "error" in r, r
+                # An SNI with a "port" must not steer the tunnel to allowed.test:8080.
+                r = await c.send(B, 443, req("/sni-port"), tls=True, sni="allowed.test:8080", cafile=CA_INSIDE)
+                assert "error" in r, r
                 # The allowed IP itself, dialled, is still fine (an IP rule: to that IP).
                 st, body = await c.http(w.A.ip, req("/by-ip", host=w.A.ip))
                 assert st == 200 and json.loads(body)["machine"] == "A"
             assert w.B.connections == [] and w.B.requests == []
             assert [q["path"] for q in w.A.requests] == ["/by-ip"]
+            assert w.A.connections == [80]
     asyncio.run(main())
 
 
@@ -907,3 +911,15 @@ def test_every_accept_loop_backs_off_when_out_of_descriptors(tmp_path):
         assert reply.answer and reply.answer[0][0].address.startswith("198.18.")
         assert answers[2].startswith(b"HTTP/1.1 200")
     asyncio.run(main())
+
+
+def test_random_names_under_a_glob_handler_cannot_grow_the_runtime():
+    """A sandbox asking for endless random names under a glob handler: the registry of
+    synthetic addresses stays bounded (least recently used addresses are recycled)."""
+    from sandbox.proxy.dns import MAX_NAMES, SyntheticNames
+    names = SyntheticNames()
+    names.add("*.glob.test")
+    for i in range(MAX_NAMES + 1000):
+        names.lookup(f"r{i}.glob.test")
+    assert len(names._by_name) == MAX_NAMES and len(names._by_ip) == MAX_NAMES
+    assert names.name_for(names.lookup("fresh.glob.test")) == "fresh.glob.test"

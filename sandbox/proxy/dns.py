@@ -42,6 +42,10 @@ MAX_INFLIGHT_PER_PEER = 64  # ... of one sandbox
 MAX_TCP = 256               # open TCP DNS connections, all sandboxes
 MAX_TCP_PER_PEER = 16       # ... of one sandbox
 TCP_IDLE = 10.0     # seconds a TCP client may stay idle between queries (or mid-query)
+# Concrete names holding a synthetic address at once. A sandbox asking for endless random
+# names under a glob handler would otherwise fill the whole /15 (~130k names, ~60-90 MiB
+# of runtime memory); beyond this the least recently used name's address is recycled.
+MAX_NAMES = 16384
 
 
 def parse_resolver(text: str) -> tuple[str, int]:
@@ -60,17 +64,17 @@ class SyntheticNames:
 
     Patterns are reference-counted (several sandboxes may register the same name).
     Addresses are handed out per concrete name and stay the same for the process's
-    life; when the /15 is exhausted (a sandbox querying endless random names under a
+    life; when `max_names` are in use (a sandbox querying endless random names under a
     glob) the least recently used name's address is recycled.
     """
 
-    def __init__(self, network: ipaddress.IPv4Network = SYNTHETIC_NETWORK) -> None:
+    def __init__(self, network: ipaddress.IPv4Network = SYNTHETIC_NETWORK, max_names: int = MAX_NAMES) -> None:
         self._network = network
         self._patterns: Counter[Target] = Counter()
         self._by_name: OrderedDict[str, ipaddress.IPv4Address] = OrderedDict()
         self._by_ip: dict[ipaddress.IPv4Address, str] = {}
         self._next = 1  # skip the network address
-        self._size = network.num_addresses - 2  # and the broadcast address
+        self._size = min(network.num_addresses - 2, max_names)  # and the broadcast address
 
     @staticmethod
     def _name_target(pattern: str) -> Optional[Target]:

@@ -267,6 +267,9 @@ class ProxyServer:
                 return
             decide_tls = self._decider(view, "https")
             try:
+                if sni is not None and (":" in sni or "[" in sni):
+                    # An SNI is a bare DNS name: a "port" in it would steer the tunnel.
+                    raise ValueError(f"malformed SNI {sni!r}")
                 decision = decide_tls(sni, dst)  # type: ignore[arg-type]
             except ValueError as exc:
                 # A malformed SNI, or an IP literal that is not the destination: closed.
