@@ -38,3 +38,11 @@ async def test_signals_enum_members_are_accepted():
         with pytest.raises(sandbox.ContainerExitError) as e:
             await asyncio.wait_for(box.monitor(), 10)
         assert e.value.exit_code == 143
+
+
+@run
+async def test_default_group_names_nobody():
+    async with running() as (rt, box):
+        out = await (await box.exec(["sh", "-c", "id -gn nobody; grep ^nobody: /etc/group"])).output()
+        assert out.stdout.split(b"\n")[0] == b"nobody"
+        assert out.stdout.split(b"\n")[1].startswith(b"nobody:x:65534:")
