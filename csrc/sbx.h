@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 /* CDEF BEGIN */
-#define SBX_ABI_VERSION 3
+#define SBX_ABI_VERSION 4
 
 /* The ordered steps of a child's setup; Python mirrors the names. */
 enum sbx_step {

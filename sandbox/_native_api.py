@@ -15,7 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
     raise SandboxError(f"sandbox._native is not built ({e}); rebuild: pip install -e .") from e
 
 ffi, lib = _native.ffi, _native.lib
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.sbx_abi_version() != ABI_VERSION:  # pragma: no cover
     raise SandboxError(f"sandbox._native ABI {lib.sbx_abi_version()} != {ABI_VERSION}; "
                        "rebuild: pip install -e .")
