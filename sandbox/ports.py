@@ -10,6 +10,8 @@ from .errors import SandboxNotRunning
 from .proxy.client import ClientConnection
 from .proxy.models import Request, Response
 
+BUFFER_LIMIT = 1 << 20   # a fetched body larger than this is streamed, not buffered
+
 
 class TcpPort:
     def __init__(self, box, port: int):
@@ -43,7 +45,30 @@ class TcpPort:
         conn = ClientConnection(reader, writer)
         try:
             resp = await conn.send(request)
-            body_bytes = await resp.read()
-        finally:
+            # The body is the sandbox's output (hostile volume, SPEC §9): a small one is
+            # read whole (and the connection closed), a larger one is streamed — the
+            # runtime never holds more than BUFFER_LIMIT of it unless the caller reads it.
+            body = aiter(resp.body)
+            parts, size = [], 0
+            async for chunk in body:
+                parts.append(chunk)
+                size += len(chunk)
+                if size > BUFFER_LIMIT:
+                    break
+            else:
+                await conn.aclose()
+                return Response(b"".join(parts), status=resp.status, headers=resp.headers)
+        except BaseException:
             await conn.aclose()
-        return Response(body_bytes, status=resp.status, headers=resp.headers)
+            raise
+        return Response(_rest(parts, body, conn), status=resp.status, headers=resp.headers)
+
+
+async def _rest(head: list[bytes], body, conn: ClientConnection):
+    try:
+        for chunk in head:
+            yield chunk
+        async for chunk in body:
+            yield chunk
+    finally:
+        await conn.aclose()

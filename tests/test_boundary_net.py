@@ -923,3 +923,29 @@ def test_random_names_under_a_glob_handler_cannot_grow_the_runtime():
         names.lookup(f"r{i}.glob.test")
     assert len(names._by_name) == MAX_NAMES and len(names._by_ip) == MAX_NAMES
     assert names.name_for(names.lookup("fresh.glob.test")) == "fresh.glob.test"
+
+
+def test_python_api_fetch_of_a_large_body_streams(tmp_path):
+    """The same through the Python API (TcpPort.fetch / Container.fetch): a body larger
+    than a small bound is streamed, so the runtime's memory does not follow the
+    sandbox's output."""
+    async def main():
+        async with sandbox.Runtime(state_dir=str(tmp_path / "st")) as rt:
+            box = rt.sandbox()
+            await box.start(entrypoint=["python3", "-c", BIG_SERVER], enable_internet=False)
+            out = await (await box.exec(["sh", "-c", "while [ ! -e /tmp/ready ]; do sleep 0.01; done"])).output()
+            assert out.exit_code == 0
+            before = _vm_hwm(os.getpid())
+            resp = await box.get_tcp_port(8080).fetch("/")
+            assert resp.status == 200 and resp.body_length is None     # a stream
+            size, digest = 0, hashlib.sha256()
+            async for chunk in resp.body:
+                size += len(chunk)
+                digest.update(chunk)
+            growth = _vm_hwm(os.getpid()) - before
+            assert size == 200 << 20
+            assert growth < 50 << 20, f"the runtime's peak RSS grew by {growth >> 20} MiB"
+            # A small answer (here: 501 to a HEAD) is still read whole, connection closed.
+            small = await box.get_tcp_port(8080).fetch(sandbox.Request("HEAD", "http://x/"))
+            assert small.status == 501 and small.body_length is not None
+    asyncio.run(main())
