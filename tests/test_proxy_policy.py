@@ -367,7 +367,8 @@ def _not_ip(name):
     except ValueError:
         # A name ending in a number is an IP literal (inet_aton spelling) or malformed
         # (SPEC §10 / parse_authority): not a host name either.
-        return not name.rsplit(".", 1)[-1].isdigit()
+        tail = name.rsplit(".", 1)[-1]
+        return not (tail.isdigit() or tail.startswith("0x"))
     return False
 
 

@@ -126,6 +126,9 @@ class _Session:
 
     async def _drain(self) -> None:
         try:
+            if self.writer.transport.get_write_buffer_size() == 0:
+                await self.writer.drain()  # nothing queued: returns at once, no timer needed
+                return
             async with asyncio.timeout(WRITE_TIMEOUT):  # backpressure from a slow sandbox reader
                 await self.writer.drain()
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:

@@ -7,6 +7,7 @@ changes therefore apply to the next request on a live connection.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -160,11 +161,29 @@ def host_from_header(value: Optional[str]) -> Optional[str]:
     return v or None
 
 
+@functools.lru_cache(maxsize=1024)
+def _ip_or_none(text: str) -> Optional[IPAddress]:
+    """ip_address or None, cached: the same few destinations and hosts come back on
+    every request (and a name is not worth an exception each time)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _ip(text: str) -> IPAddress:
+    ip = _ip_or_none(text)
+    if ip is None:
+        raise ValueError(f"not an IP address: {text!r}")
+    return ip
+
+
 class BadHost(ValueError):
     """A Host header / SNI the proxy refuses outright (400, or a closed TLS connection):
     malformed, or an IP literal that is not the destination the kernel saw."""
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_authority(value: str) -> tuple[str, Optional[int]]:
     """Strictly parse a Host header value (or an SNI): `(host, port or None)`.
 
@@ -250,7 +269,7 @@ class Facts:
         closed): an IP in Host is matched as the destination, so it must *be* it."""
         if scheme not in DEFAULT_PORTS:
             raise ValueError(f"scheme must be http or https: {scheme!r}")
-        dst = ipaddress.ip_address(dst_ip)
+        dst = _ip(dst_ip) if isinstance(dst_ip, str) else dst_ip
         name, port = parse_authority(host) if host else (None, None)
         facts = cls(name, dst, int(dst_port), scheme, port)
         literal = facts.host_ip
@@ -261,15 +280,10 @@ class Facts:
                 raise BadHost(f"IP literal host port {port} is not the destination port {facts.dst_port}")
         return facts
 
-    @property
+    @functools.cached_property
     def host_ip(self) -> Optional[IPAddress]:
         """The Host/SNI as an IP when it is an IP literal."""
-        if self.host is None:
-            return None
-        try:
-            return ipaddress.ip_address(self.host)
-        except ValueError:
-            return None
+        return None if self.host is None else _ip_or_none(self.host)
 
     @property
     def host_name(self) -> Optional[str]:
