@@ -6,7 +6,7 @@ pyroute2 work happen in short-lived threads, never in the caller's thread.
 """
 
 from . import gc
-from .addrpool import AddressPool, Block
+from .addrpool import AddressPool, Block, PoolExhausted
 from .link import Veth, check_ifname
 from .namespace import NetNS
 from .nft import Nft, NftError
@@ -19,6 +19,7 @@ __all__ = [
     "NetNS",
     "Nft",
     "NftError",
+    "PoolExhausted",
     "Veth",
     "build_ruleset",
     "check_ifname",

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import netns
 
+from .errors import SandboxError
 from .log import get_logger
 from .proxy.dns import DNSForwarder, SyntheticNames
 from .proxy.limits import raise_nofile_limit
@@ -23,14 +24,20 @@ from .proxy.listener import ProxyServer
 from .proxy.resolve import NameResolver
 
 log = get_logger("sandbox.network")
-# Every runtime on the machine takes its own /20 of this space (1024
-# sandboxes): two runtimes handing out the same /30 would put one address on
-# two host interfaces, and replies would leave through the wrong one. A slot
-# is held by an flock on a file in LOCK_DIR for the runtime's lifetime (the
-# kernel drops it when the process dies, however it dies), and a slot that
-# any host interface already uses is skipped.
+# The address plan (README "Defaults"). Every sandbox's veth is a /31
+# point-to-point link (RFC 3021): host end .0 (its gateway), eth0 .1 -- two
+# addresses per sandbox instead of a /30's four. Every runtime on the machine
+# takes its own /17 of 10.192.0.0/12: 16 384 sandboxes per runtime, 32
+# runtimes per host. Two runtimes handing out the same block would put one
+# address on two host interfaces, and replies would leave through the wrong
+# one; the proxy also names a sandbox by its source address (peer -> box in
+# RuntimeNetwork._by_ip), so a block is never held twice. A slot is held by an
+# flock on a file in LOCK_DIR for the runtime's lifetime (the kernel drops it
+# when the process dies, however it dies), and a slot that any host interface
+# already uses is skipped.
 POOL_SPACE = ipaddress.ip_network("10.192.0.0/12")
-SLOT_PREFIX = 20
+SLOT_PREFIX = 17
+BLOCK_PREFIX = 31
 LOCK_DIR = "/run/sandbox-pools"
 # Namespaces kept ready: making a netns + veth costs ~7 ms of kernel time, so
 # start() takes a ready one and a replacement is made in the background.
@@ -68,7 +75,8 @@ class SandboxNet:
 
 
 class RuntimeNetwork:
-    def __init__(self, *, tag: str, state_dir: str, resolver: str | None, state):
+    def __init__(self, *, tag: str, state_dir: str, resolver: str | None, state,
+                 pool_blocks: int | None = None):
         self.tag = tag
         self.prefix = f"s{tag}h"
         self.state_dir = state_dir
@@ -86,6 +94,8 @@ class RuntimeNetwork:
         self._ready: list[SandboxNet] = []
         self._filling: set[asyncio.Task] = set()
         self.warm = WARM
+        self._closing = False
+        self._pool_blocks = pool_blocks   # private: a smaller pool (tests of exhaustion)
 
     @staticmethod
     def raise_fd_limit() -> int:
@@ -95,7 +105,7 @@ class RuntimeNetwork:
 
     async def open(self) -> None:
         net, self._pool_lock = await asyncio.to_thread(claim_slot)
-        self._pool = netns.AddressPool(str(net))
+        self._pool = netns.AddressPool(str(net), block_prefix=BLOCK_PREFIX, limit=self._pool_blocks)
         # Validate the resolver before anything exists.
         self.dns = DNSForwarder(self.names, self.resolver, listen=("0.0.0.0", 0))
         # Name egress (SPEC §10) asks the same pinned resolver the forwarder forwards to.
@@ -117,6 +127,7 @@ class RuntimeNetwork:
 
     async def close(self) -> None:
         first = None
+        self._closing = True
         for t in list(self._filling):
             await asyncio.gather(t, return_exceptions=True)
         for net in self._ready:
@@ -156,11 +167,21 @@ class RuntimeNetwork:
             await asyncio.to_thread(h.close)
 
     # -- per sandbox --------------------------------------------------------
-    async def _make(self) -> SandboxNet:
+    def _allocate(self):
+        """A block for one more namespace, taken synchronously (a refill task
+        scheduled now cannot lose it to a start that runs first)."""
+        try:
+            return self._pool.allocate()
+        except netns.PoolExhausted as e:
+            # Before anything of this sandbox exists (no record, netns, veth, cgroup).
+            raise SandboxError(
+                f"no sandbox address left: all {e.capacity} blocks (/{BLOCK_PREFIX}) of this "
+                f"runtime's {e.network} are held by its sandboxes; destroy one first") from None
+
+    async def _make(self, block) -> SandboxNet:
         self._index += 1
         sid = f"{self.tag}-n{self._index}"
         ifname = f"{self.prefix}{self._index}"
-        block = self._pool.allocate()
         path = netns.namespace.netns_dir(self.state_dir) + f"/{sid}"
         # Recorded before any of them exists: a crash from here on is collectable.
         self._state.add_sandbox(sid, netns=path, veth=ifname, block=str(block.network))
@@ -179,10 +200,11 @@ class RuntimeNetwork:
         return SandboxNet(ns, veth, block, ifname, sid)
 
     def _refill(self) -> None:
-        if self.host is None:
+        if self.host is None or self._closing:
             return
-        while len(self._ready) + len(self._filling) < self.warm:
-            task = asyncio.ensure_future(self._make())
+        # Bounded by the pool too: a full runtime keeps no address in reserve.
+        while len(self._ready) + len(self._filling) < self.warm and self._pool.available:
+            task = asyncio.ensure_future(self._make(self._allocate()))
             self._filling.add(task)
             task.add_done_callback(self._filled)
 
@@ -196,7 +218,11 @@ class RuntimeNetwork:
 
     async def attach(self, box, enable_internet: bool) -> SandboxNet:
         t0 = time.perf_counter()
-        net = self._ready.pop() if self._ready else await self._make()
+        while not self._ready and not self._pool.available and (self._filling or self._pending):
+            # The last addresses are in namespaces being made, or in those of
+            # destroyed sandboxes still being torn down: wait for one.
+            await asyncio.wait(self._filling | self._pending, return_when=asyncio.FIRST_COMPLETED)
+        net = self._ready.pop() if self._ready else await self._make(self._allocate())
         try:
             self._state.update_sandbox(net.sid, cgroup=f"{self.tag}.{box.id}", name=box.name)
             if enable_internet:   # a fresh veth is never in the set: skip the nft call
@@ -236,8 +262,9 @@ class RuntimeNetwork:
             if first is not None:
                 raise first
         await asyncio.to_thread(work)
-        self._pool.release(net.block)
+        self._pool.release(net.block)   # only once its veth is gone: never two hosts of one address
         done()
+        self._refill()
 
 
 def owner_comment() -> str:

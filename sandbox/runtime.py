@@ -82,7 +82,7 @@ def sealed_executable(path: str) -> int:
 class Runtime:
     def __init__(self, state_dir: str = "/run/sandbox", resolver: str | None = None, *,
                  insecure_registries=(), registry_auth=None, max_layer_bytes: int = 8 << 30,
-                 image_store=None):
+                 image_store=None, _pool_blocks: int | None = None):
         if not isinstance(state_dir, (str, os.PathLike)):
             raise TypeError("state_dir must be a path")
         self.state_dir = os.path.abspath(os.fspath(state_dir))
@@ -108,6 +108,8 @@ class Runtime:
         self._stderr_fd = 2
         self._entered = False
         self._counter = 0
+        # Private (tests): cap this runtime's address pool at that many blocks.
+        self._pool_blocks = _pool_blocks
 
     # -- context -------------------------------------------------------
     async def __aenter__(self) -> "Runtime":
@@ -155,7 +157,8 @@ class Runtime:
             self._state = RuntimeState(self.state_dir, self.tag)
             self._state.open(cgroup_prefix=f"{self.tag}.")
             self._net = RuntimeNetwork(tag=self.tag, state_dir=self.state_dir,
-                                       resolver=self.resolver, state=self._state)
+                                       resolver=self.resolver, state=self._state,
+                                       pool_blocks=self._pool_blocks)
             await self._net.open()
         except BaseException:
             await self._close_host()

@@ -36,10 +36,12 @@ import pytest
 import netns
 import sandbox
 from sandbox.proxy.models import Response
+from sandbox import network as sandbox_network
 
 pytestmark = pytest.mark.timeout(60)
 
 _ID = os.getpid() % 100000
+BLOCK = sandbox_network.BLOCK_PREFIX   # a sandbox's link: /31 (sandbox/network.py)
 WORLD_CIDR = f"10.214.{os.getpid() % 256}.0/24"   # the fake internet's /30s
 FAST = 1.0   # seconds: a refused connection must fail well within this
 LONG = 20.0  # seconds: upper bound for one probe exec
@@ -723,12 +725,12 @@ def test_root_inside_cannot_change_network(tmp_path, world):
             routes = r[5].get("ok").splitlines()[1:]
             assert sorted(line.split()[:2] for line in routes) == [
                 ["eth0", "00000000"], ["eth0", "%08X" % int.from_bytes(
-                    ipaddress.ip_network(f"{box.address}/30", strict=False).network_address.packed,
+                    ipaddress.ip_network(f"{box.address}/{BLOCK}", strict=False).network_address.packed,
                     "little")]], routes
             # Still connected as configured.
             proc = await box.exec(["ip", "-o", "-4", "addr", "show", "dev", "eth0", "up"])
             out = await proc.output()
-            assert f"inet {box.address}/30" in out.stdout.decode(), out
+            assert f"inet {box.address}/{BLOCK}" in out.stdout.decode(), out
     run(main())
 
 
@@ -765,14 +767,14 @@ def test_twenty_concurrent_sandboxes(tmp_path, world):
             await asyncio.gather(*(b.start(enable_internet=False) for b in boxes))
             addrs = [b.address for b in boxes]
             assert len(set(addrs)) == 20, addrs
-            nets = {ipaddress.ip_network(f"{a}/30", strict=False) for a in addrs}
+            nets = {ipaddress.ip_network(f"{a}/{BLOCK}", strict=False) for a in addrs}
             assert len(nets) == 20 and all(ipaddress.ip_address(a).is_private for a in addrs)
             async def inside_address(b):
                 proc = await b.exec(["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
                 return await asyncio.wait_for(proc.output(), LONG)
             outs = await asyncio.gather(*(inside_address(b) for b in boxes))
             for b, out in zip(boxes, outs):
-                assert f"inet {b.address}/30" in out.stdout.decode(), out
+                assert f"inet {b.address}/{BLOCK}" in out.stdout.decode(), out
             # 20, plus the namespaces the runtime keeps ready for the next start()
             assert len([n for n in os.listdir("/sys/class/net") if n.startswith(prefix)]) >= 20
             assert table in netns.nft.list_tables("inet")

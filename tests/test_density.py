@@ -1,0 +1,88 @@
+"""Density (issue 14): the address plan, exhaustion as a SandboxError raised
+before any kernel object of the sandbox exists, and allocation cost flat in N."""
+import glob
+import ipaddress
+import os
+import time
+
+import pytest
+
+import netns
+import sandbox
+from helpers import run
+from sandbox import network
+
+
+def _kernel_objects() -> dict:
+    with open("/proc/self/mountinfo") as f:
+        mounts = {" ".join(line.split()[3:5]) for line in f}
+    return {
+        "links": set(os.listdir("/sys/class/net")),
+        "cgroups": set(glob.glob("/sys/fs/cgroup/*/sandbox/*/")) | set(glob.glob("/sys/fs/cgroup/sandbox/*/")),
+        "mounts": mounts,
+        "fds": set(os.listdir("/proc/self/fd")),
+    }
+
+
+def test_address_plan_holds_10000_per_runtime():
+    """The documented plan: a /31 per sandbox in a /17 per runtime -- at least
+    10 000 sandboxes, slots disjoint and inside the sandbox range."""
+    slot = next(network.POOL_SPACE.subnets(new_prefix=network.SLOT_PREFIX))
+    pool = netns.AddressPool(str(slot), block_prefix=network.BLOCK_PREFIX)
+    assert pool.capacity >= 10_000
+    assert len(list(network.POOL_SPACE.subnets(new_prefix=network.SLOT_PREFIX))) >= 16
+
+
+def test_pool_31_blocks_and_flat_allocation():
+    pool = netns.AddressPool("10.9.0.0/29", block_prefix=31)
+    blocks = [pool.allocate() for _ in range(4)]
+    assert [(str(b.host), str(b.peer), b.prefixlen) for b in blocks[:2]] == [
+        ("10.9.0.0", "10.9.0.1", 31), ("10.9.0.2", "10.9.0.3", 31)]
+    with pytest.raises(netns.PoolExhausted) as ei:
+        pool.allocate()
+    assert (ei.value.capacity, ei.value.held) == (4, 4)
+    pool.release(blocks[3])
+    pool.release(blocks[1])
+    assert pool.allocate() == blocks[1]          # the lowest free one first
+    assert pool.allocate() == blocks[3]
+
+    # The old pool scanned from the lowest released block: with the first of
+    # 16 000 held blocks released and re-taken, each allocate walked them all.
+    big = netns.AddressPool("10.64.0.0/16", block_prefix=31)
+    held = [big.allocate() for _ in range(16_000)]
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        big.release(held[0])
+        held[0] = big.allocate()
+        big.allocate()      # the next one above the high-water mark
+        big.release(held[0])
+        held[0] = big.allocate()
+    assert time.perf_counter() - t0 < 0.5
+    assert len(big) == 18_000 and len({b.network for b in held}) == len(held)
+
+
+@run
+async def test_pool_exhaustion_is_sandbox_error_before_any_object():
+    async with sandbox.Runtime(_pool_blocks=2) as rt:
+        a, b = rt.sandbox(), rt.sandbox()
+        await a.start(enable_internet=False)
+        await b.start(enable_internet=False)
+        assert a.address != b.address
+        record_before = rt._state.record["sandboxes"]
+        before = _kernel_objects()
+        c = rt.sandbox()
+        with pytest.raises(sandbox.SandboxError) as ei:
+            await c.start(enable_internet=False)
+        msg = str(ei.value)
+        assert "2 blocks" in msg and str(ipaddress.ip_network(msg.split("runtime's ")[1].split()[0])), msg
+        assert not isinstance(ei.value, RuntimeError) or isinstance(ei.value, sandbox.SandboxError)
+        assert _kernel_objects() == before            # no netns, veth, cgroup, mount or fd
+        assert rt._state.record["sandboxes"] == record_before
+        assert not c.running
+        await c.destroy()
+        # The address comes back with the sandbox that held it.
+        await a.destroy()
+        d = rt.sandbox()
+        await d.start(enable_internet=False)
+        p = await d.exec(["true"])
+        assert await p.exit_code == 0
