@@ -949,3 +949,18 @@ def test_python_api_fetch_of_a_large_body_streams(tmp_path):
             small = await box.get_tcp_port(8080).fetch(sandbox.Request("HEAD", "http://x/"))
             assert small.status == 501 and small.body_length is not None
     asyncio.run(main())
+
+
+def test_connection_limits_keep_a_share_for_light_sandboxes():
+    """Per sandbox and in total; once the total is mostly taken, heavy holders get no
+    more while light ones still do (a few flooding sandboxes cannot starve the rest)."""
+    from sandbox.proxy.limits import ConnectionLimits
+    lim = ConnectionLimits(per_key=256, total=400)
+    assert sum(lim.acquire("heavy-1") for _ in range(300)) == 256       # per sandbox
+    assert sum(lim.acquire("heavy-2") for _ in range(300)) == 300 - 256    # up to 3/4 of the total
+    assert lim.count() == 300 and not lim.acquire("heavy-1")
+    assert all(lim.acquire(f"light-{i}") for i in range(50))           # the last quarter
+    assert sum(lim.acquire("light-0") for _ in range(100)) == 15         # ... up to FAIR each
+    for _ in range(256):
+        lim.release("heavy-1")
+    assert lim.count("heavy-1") == 0 and lim.acquire("heavy-1")

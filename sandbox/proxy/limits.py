@@ -57,17 +57,28 @@ def fd_budget() -> int:
 
 
 class ConnectionLimits:
-    """Counts open connections per key (a sandbox's address) and in total."""
+    """Counts open connections per key (a sandbox's address) and in total.
+
+    A few heavy sandboxes must not take the whole total from the others: once three
+    quarters of it are in use, a key that already holds `FAIR` connections gets no
+    more, so the last quarter stays for sandboxes that hold few.
+    """
+
+    FAIR = 16
 
     def __init__(self, per_key: int = PER_SANDBOX, total: Optional[int] = None) -> None:
         if total is None:
             total = max(64, (fd_budget() - FD_RESERVE) // FDS_PER_CONN)
         self.per_key, self.total = min(per_key, total), total
+        self.busy = total * 3 // 4
         self._open: Counter[str] = Counter()
         self._sum = 0
 
     def acquire(self, key: str) -> bool:
-        if self._sum >= self.total or self._open[key] >= self.per_key:
+        n = self._open.get(key, 0)
+        if self._sum >= self.total or n >= self.per_key:
+            return False
+        if self._sum >= self.busy and n >= min(self.FAIR, self.per_key):
             return False
         self._open[key] += 1
         self._sum += 1
