@@ -378,6 +378,7 @@ def _remove_record(ctx: _Context, path: str) -> None:
         os.unlink(tmp)  # a write the runtime never finished
     except FileNotFoundError:
         pass
+    _state.remove_journals(path)   # the record's per-sandbox journal (state.py): first, the record names it
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -14,9 +14,18 @@ Write-ahead, not write-behind: a name is recorded *before* the object exists
 and forgotten only *after* it is gone, so after a kill -9 at any point the file
 lists a superset of what is left; gc tolerates the names that never came to be.
 
-Every change writes the whole (small) record to a temporary file and swaps it
-with the record atomically (see write_atomic), so a reader (gc, possibly while
-we die) sees the old or the new record, never half of one.  No fsync: the records
+The header (and a snapshot of the sandboxes) is written whole to a temporary
+file and swapped with the record atomically (see write_atomic), so a reader
+(gc, possibly while we die) sees the old or the new record, never half of one.
+Per-sandbox changes do not rewrite it: with 10 000 sandboxes the record is
+megabytes, and rewriting it three times per start made start O(N) (issue 14).
+They are appended, one JSON line each, to the journal the record names,
+`<state_dir>/journal/<tag>.<gen>.jsonl`; a reader replays it over the snapshot
+(a torn last line is an entry whose objects were never made: skipped). When
+the journal outgrows the live entries, a new snapshot with generation gen+1
+is written (after its empty journal exists) and the old journal unlinked:
+O(1) amortised per change, and a crash between the steps leaves a record
+whose journal lists a superset at worst.  No fsync: the records
 describe kernel objects, which a reboot removes anyway; what must survive is
 the process, not the machine.
 
@@ -59,6 +68,33 @@ def runtimes_dir(state_dir: str | os.PathLike) -> str:
 
 def record_path(state_dir: str | os.PathLike, tag: str) -> str:
     return os.path.join(runtimes_dir(state_dir), tag + _SUFFIX)
+
+
+def _journal_dir(path: str) -> str:
+    """The journal directory next to `runtimes/` of the record at `path`."""
+    return os.path.join(os.path.dirname(os.path.dirname(path)), "journal")
+
+
+def _journal_path(path: str, gen: int) -> str:
+    tag = os.path.basename(path)[: -len(_SUFFIX)]
+    return os.path.join(_journal_dir(path), f"{tag}.{gen}.jsonl")
+
+
+def remove_journals(path: str) -> None:
+    """Unlink every journal of the record at `path` (gc, after the record's objects)."""
+    tag = os.path.basename(path)[: -len(_SUFFIX)]
+    d = _journal_dir(path)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return
+    for name in names:
+        head, _, rest = name.partition(".")
+        if head == tag and rest.endswith(".jsonl"):
+            try:
+                os.unlink(os.path.join(d, name))
+            except FileNotFoundError:
+                pass
 
 
 def _boot_id() -> str:
@@ -109,6 +145,9 @@ class RuntimeState:
         self._tmp = self.path[: -len(_SUFFIX)] + _TMP_SUFFIX
         self._lock = threading.Lock()
         self._record: dict[str, Any] | None = None
+        self._gen = 0
+        self._jfd = -1          # O_APPEND fd of the current journal
+        self._jlines = 0        # lines in it
 
     @property
     def opened(self) -> bool:
@@ -144,51 +183,47 @@ class RuntimeState:
                 why = ("it belongs to a live runtime" if other is not None and
                        owner_status(other) == "alive" else "run `sandbox gc` first")
                 raise FileExistsError(errno.EEXIST, f"runtime state exists ({why})", self.path)
-            self._write(record)
             self._record = record
+            try:
+                self._compact()
+            except BaseException:
+                self._record = None
+                raise
 
     def update_host(self, **kv: Any) -> None:
         with self._lock:
             rec = self._need_open()
-            new = dict(rec, host={**rec["host"], **kv})
-            self._write(new)
-            self._record = new
+            rec["host"] = {**rec["host"], **kv}
+            self._compact()
 
     def add_sandbox(self, sid: str, **objs: Any) -> None:
         """Record a sandbox's planned objects (insertion order = creation order)."""
         _check_sid(sid)
         with self._lock:
-            rec = self._need_open()
-            boxes = dict(rec["sandboxes"])
+            boxes = self._need_open()["sandboxes"]
+            entry = dict(objs)
+            self._append(["a", sid, entry])
             boxes.pop(sid, None)  # re-adding moves it to the end: newest last
-            boxes[sid] = dict(objs)
-            new = dict(rec, sandboxes=boxes)
-            self._write(new)
-            self._record = new
+            boxes[sid] = entry
 
     def update_sandbox(self, sid: str, **objs: Any) -> None:
         """Add names to an existing sandbox entry (e.g. a name known only later)."""
         _check_sid(sid)
         with self._lock:
-            rec = self._need_open()
-            if sid not in rec["sandboxes"]:
+            boxes = self._need_open()["sandboxes"]
+            if sid not in boxes:
                 raise KeyError(sid)
-            boxes = dict(rec["sandboxes"])
+            self._append(["u", sid, dict(objs)])
             boxes[sid] = {**boxes[sid], **objs}
-            new = dict(rec, sandboxes=boxes)
-            self._write(new)
-            self._record = new
 
     def remove_sandbox(self, sid: str) -> None:
         """Forget a sandbox whose objects are all gone.  Unknown sid: no-op."""
         with self._lock:
-            rec = self._need_open()
-            if sid not in rec["sandboxes"]:
+            boxes = self._need_open()["sandboxes"]
+            if sid not in boxes:
                 return
-            boxes = {k: v for k, v in rec["sandboxes"].items() if k != sid}
-            new = dict(rec, sandboxes=boxes)
-            self._write(new)
-            self._record = new
+            del boxes[sid]      # forgotten after the objects are gone: before the line is fine
+            self._append(["r", sid])
 
     def close(self) -> None:
         """Delete the record (the host objects are gone).  Idempotent."""
@@ -196,7 +231,10 @@ class RuntimeState:
             if self._record is None:
                 return
             self._record = None
-            for p in (self.path, self._tmp):
+            if self._jfd >= 0:
+                os.close(self._jfd)
+                self._jfd = -1
+            for p in (self.path, self._tmp, _journal_path(self.path, self._gen)):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
@@ -209,6 +247,37 @@ class RuntimeState:
 
     def _write(self, record: dict[str, Any]) -> None:
         write_atomic(self.path, self._tmp, record)
+
+    def _append(self, op: list) -> None:
+        """One journal line, appended before the in-memory record changes."""
+        if self._jlines > 2 * len(self._record["sandboxes"]) + 256:
+            self._compact()
+        os.write(self._jfd, json.dumps(op, separators=(",", ":")).encode() + b"\n")
+        self._jlines += 1
+
+    def _compact(self) -> None:
+        """New empty journal (gen+1), then the snapshot naming it, then the old journal goes."""
+        old_fd, old_gen = self._jfd, self._gen
+        gen = old_gen + 1 if old_fd >= 0 else old_gen
+        jpath = _journal_path(self.path, gen)
+        os.makedirs(os.path.dirname(jpath), mode=0o700, exist_ok=True)
+        fd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+        try:
+            self._write(dict(self._record, journal=gen))
+        except BaseException:
+            os.close(fd)
+            if gen != old_gen:
+                os.unlink(jpath)
+            raise
+        self._jfd, self._gen, self._jlines = fd, gen, 0
+        if old_fd >= 0:
+            os.close(old_fd)
+            if old_gen != gen:
+                try:
+                    os.unlink(_journal_path(self.path, old_gen))
+                except FileNotFoundError:
+                    pass
 
 
 def write_atomic(path: str, tmp: str, record: dict[str, Any]) -> None:
@@ -360,6 +429,7 @@ def load(path: str, problems: list[tuple[str, str]] | None = None) -> dict[str, 
     else:
         why = _valid(record, tag)
         if why is None:
+            _replay(path, record)
             record["path"] = path
             return record
     if problems is not None:
@@ -367,6 +437,35 @@ def load(path: str, problems: list[tuple[str, str]] | None = None) -> dict[str, 
     else:
         log.warning("state.bad_record", path=path, reason=why)
     return None
+
+
+def _replay(path: str, record: dict[str, Any]) -> None:
+    """Apply the record's journal (if it names one) to its sandboxes snapshot."""
+    gen = record.pop("journal", None)
+    if isinstance(gen, bool) or not isinstance(gen, int):
+        return
+    boxes = record["sandboxes"]
+    try:
+        with open(_journal_path(path, gen), "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return
+    for line in lines:
+        try:
+            op = json.loads(line)
+        except ValueError:
+            continue     # empty, or torn by a kill mid-write: its objects never came to be
+        if not isinstance(op, list) or len(op) < 2 or not isinstance(op[1], str):
+            continue
+        kind, sid = op[0], op[1]
+        objs = op[2] if len(op) > 2 and isinstance(op[2], dict) else {}
+        if kind == "a":
+            boxes.pop(sid, None)
+            boxes[sid] = objs
+        elif kind == "u":
+            boxes[sid] = {**boxes.get(sid, {}), **objs}
+        elif kind == "r":
+            boxes.pop(sid, None)
 
 
 def load_all(state_dir: str | os.PathLike,

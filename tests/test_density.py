@@ -86,3 +86,45 @@ async def test_pool_exhaustion_is_sandbox_error_before_any_object():
         await d.start(enable_internet=False)
         p = await d.exec(["true"])
         assert await p.exit_code == 0
+
+
+def test_state_record_changes_are_flat_in_n(tmp_path):
+    """A runtime's state record used to be rewritten whole (JSON of every
+    sandbox) three times per start: O(N) per start. Changes are now journal
+    lines, replayed by load(), compacted when the journal outgrows them."""
+    from sandbox import state
+    st = state.RuntimeState(tmp_path, "rdensity")
+    st.open(table="t")
+    try:
+        def cycle(i):
+            st.add_sandbox(f"s{i}", netns=f"/x/{i}", veth=f"v{i}", block="10.0.0.0/31")
+            st.update_sandbox(f"s{i}", cgroup=f"c.{i}")
+
+        def timed(first, k=200):
+            t0 = time.perf_counter()
+            for i in range(first, first + k):
+                cycle(i)
+                st.remove_sandbox(f"s{i}")
+            return time.perf_counter() - t0
+
+        small = timed(10_000_000)
+        for i in range(10_000):
+            cycle(i)
+        for i in range(0, 10_000, 3):
+            st.remove_sandbox(f"s{i}")
+        large = timed(20_000_000)
+        assert large < 3 * small + 0.05, (small, large)
+        (rec,) = state.load_all(tmp_path)
+        assert rec["sandboxes"] == st.record["sandboxes"]
+        assert list(rec["sandboxes"])[:2] == ["s1", "s2"]
+        assert rec["sandboxes"]["s1"] == {"netns": "/x/1", "veth": "v1", "block": "10.0.0.0/31",
+                                          "cgroup": "c.1"}
+        # A line torn by a kill mid-write is skipped; what came before stays.
+        (jname,) = os.listdir(tmp_path / "journal")
+        with open(tmp_path / "journal" / jname, "ab") as f:
+            f.write(b'["a","torn",{"netns":')
+        (rec,) = state.load_all(tmp_path)
+        assert "torn" not in rec["sandboxes"] and len(rec["sandboxes"]) == len(st.record["sandboxes"])
+    finally:
+        st.close()
+    assert os.listdir(tmp_path / "journal") == [] and os.listdir(state.runtimes_dir(tmp_path)) == []
