@@ -58,5 +58,6 @@ setup(
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"]},
     cmdclass={"build_ext": BuildExtWithInit},
-    entry_points={"console_scripts": ["sandbox=sandbox.cli:main"]},
+    entry_points={"console_scripts": ["sandbox=sandbox.cli:main",
+                                    "sandbox-oci=sandbox.oci.cli:main"]},
 )

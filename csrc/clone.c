@@ -24,7 +24,10 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/ioctl.h>
+#include <grp.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <termios.h>
@@ -184,6 +187,116 @@ static void child(const struct sbx_start *s, int errfd)
     fail(errfd, SBX_STEP_INIT, -errno, -1, "sbx-init");
 }
 
+/* -- OCI block (sandbox/oci, SPEC §12): PID 1 as a config.json says. ------ */
+
+static int write_file(const char *path, const char *val)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return -errno;
+    size_t n = strlen(val);
+    ssize_t w;
+    do {
+        w = write(fd, val, n);
+    } while (w < 0 && errno == EINTR);
+    int e = w < 0 ? errno : (size_t)w != n ? EIO : 0;
+    close(fd);
+    return -e;
+}
+
+/* The same list as child(), with the choices a config makes: namespaces
+ * joined first (Kubernetes pods join the pause container's), sysctls while
+ * the host's /proc still shows the new namespaces' views, identity with
+ * PR_SET_KEEPCAPS so the configured sets survive a non-root uid, and the
+ * config's seccomp program placed as runc places it: before the identity
+ * change when no_new_privs is off (installing needs CAP_SYS_ADMIN then),
+ * last otherwise. No PR_SET_PDEATHSIG: the container outlives the CLI. */
+static void child_oci(const struct sbx_start *s, int errfd)
+{
+    const struct sbx_oci *o = s->oci;
+    int r, idx;
+    if (setsid() < 0)
+        fail(errfd, SBX_STEP_STDIO, -errno, -1, "setsid");
+    for (int i = 0; i < o->njoin; i++)
+        if ((r = sbx_setns(o->join_fds[i], o->join_types[i])) < 0)
+            fail(errfd, SBX_STEP_SETNS, r, i, NULL);
+    if (s->netns_fd >= 0) {
+        if ((r = sbx_setns(s->netns_fd, CLONE_NEWNET)) < 0)
+            fail(errfd, SBX_STEP_JOIN_NETNS, r, -1, NULL);
+    } else if ((o->clone_ns & CLONE_NEWNET) && (r = sbx_loopback_up()) < 0)
+        fail(errfd, SBX_STEP_LOOPBACK, r, -1, NULL);
+    if ((r = sbx_join_cgroup(s->procs_fds, s->nprocs)) < 0)
+        fail(errfd, SBX_STEP_JOIN_CGROUP, r, -1, NULL);
+    if ((o->clone_ns & CLONE_NEWCGROUP) && (r = sbx_unshare(CLONE_NEWCGROUP)) < 0)
+        fail(errfd, SBX_STEP_CGROUPNS, r, -1, NULL);
+    for (int i = 0; i < o->nsysctl; i++)
+        if ((r = write_file(o->sysctl_paths[i], o->sysctl_vals[i])) < 0)
+            fail(errfd, SBX_STEP_MOUNT, r, -1, o->sysctl_paths[i]);
+    for (int i = 0; i < o->nrlimits; i++) {
+        struct rlimit rl = {(rlim_t)o->rlimit_vals[2 * i], (rlim_t)o->rlimit_vals[2 * i + 1]};
+        if (setrlimit(o->rlimit_types[i], &rl) < 0)
+            fail(errfd, SBX_STEP_CAPS, -errno, i, "setrlimit");
+    }
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        fail(errfd, SBX_STEP_PROPAGATION, -errno, -1, NULL);
+    if ((r = sbx_mount_run(s->ops, s->nops, &idx)) < 0)
+        fail(errfd, SBX_STEP_MOUNT, r, idx, s->ops[idx].dst);
+    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
+        fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, s->hostname);
+    if (o->domainname && setdomainname(o->domainname, strlen(o->domainname)) < 0)
+        fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, o->domainname);
+    if (s->console_fd >= 0) {
+        const char *what = NULL;
+        if ((r = console(s->console_fd, &what)) < 0)
+            fail(errfd, SBX_STEP_STDIO, r, -1, what);
+    } else if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
+        fail(errfd, SBX_STEP_STDIO, r, -1, NULL);
+    if (o->seccomp && !o->no_new_privs &&
+        (r = sbx_seccomp_install_prog(o->seccomp, o->seccomp_len)) < 0)
+        fail(errfd, SBX_STEP_SECCOMP, r, -1, NULL);
+    if ((r = sbx_caps_bound(o->caps_bounding)) < 0)
+        fail(errfd, SBX_STEP_CAPS, r, -1, "bounding");
+    if (o->umask >= 0)
+        umask((mode_t)o->umask);
+    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
+        fail(errfd, SBX_STEP_CAPS, -errno, -1, "keepcaps");
+    if (setgroups((size_t)o->ngroups, (const gid_t *)o->groups) < 0)
+        fail(errfd, SBX_STEP_SETGROUPS, -errno, -1, NULL);
+    if (setresgid((gid_t)o->gid, (gid_t)o->gid, (gid_t)o->gid) < 0)
+        fail(errfd, SBX_STEP_SETGID, -errno, -1, NULL);
+    if (setresuid((uid_t)o->uid, (uid_t)o->uid, (uid_t)o->uid) < 0)
+        fail(errfd, SBX_STEP_SETUID, -errno, -1, NULL);
+    prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0);
+    if ((r = sbx_caps_sets(o->caps_effective, o->caps_permitted, o->caps_inheritable,
+                           o->caps_ambient)) < 0)
+        fail(errfd, SBX_STEP_CAPS, r, -1, NULL);
+    if (o->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        fail(errfd, SBX_STEP_NO_NEW_PRIVS, -errno, -1, NULL);
+    /* sbx-init finds the error pipe on fd 3 and the exec fifo on fd 4. */
+    int init_fd = s->init_fd;
+    if (init_fd <= 4 && (init_fd = fcntl(init_fd, F_DUPFD_CLOEXEC, 5)) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    int keep = o->keep_fd;
+    if (keep >= 0 && keep <= 4 && (keep = fcntl(keep, F_DUPFD_CLOEXEC, 5)) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    if (errfd != 3) {
+        if (dup2(errfd, 3) < 0)
+            fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+        errfd = 3;
+    }
+    if (keep >= 0 && dup2(keep, 4) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    if (syscall(SYS_close_range, keep >= 0 ? 5 : 4, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    if (chdir(o->cwd ? o->cwd : "/") < 0)
+        fail(errfd, SBX_STEP_CHDIR, -errno, -1, o->cwd);
+    if (o->seccomp && o->no_new_privs &&
+        (r = sbx_seccomp_install_prog(o->seccomp, o->seccomp_len)) < 0)
+        fail(errfd, SBX_STEP_SECCOMP, r, -1, NULL);
+    syscall(SYS_execveat, init_fd, "", s->init_argv, s->init_envp, AT_EMPTY_PATH);
+    fail(errfd, SBX_STEP_INIT, -errno, -1, "sbx-init");
+}
+
 struct vfork_arg {
     const struct sbx_start *s;
     int errfd;
@@ -192,6 +305,8 @@ struct vfork_arg {
 static int vfork_child(void *p)
 {
     struct vfork_arg *a = p;
+    if (a->s->oci)
+        child_oci(a->s, a->errfd);
     child(a->s, a->errfd);
     return 1;
 }
@@ -214,6 +329,9 @@ int sbx_start(const struct sbx_start *s, int *pidfd_out, int *errfd_out)
     unsigned long ns = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
     if (s->netns_fd < 0)
         ns |= CLONE_NEWNET;
+    if (s->oci)   /* OCI block: the config's set; cgroupns is unshared later */
+        ns = s->oci->clone_ns & ~(unsigned long)CLONE_NEWCGROUP &
+             ~(unsigned long)(s->netns_fd >= 0 ? CLONE_NEWNET : 0);
     int pidfd = -1;
     long pid;
     if (s->cgroup_fd < 0) {
@@ -245,6 +363,8 @@ int sbx_start(const struct sbx_start *s, int *pidfd_out, int *errfd_out)
         pid = syscall(SYS_clone3, &args, sizeof args);
         if (pid == 0) {
             close(ep[0]);
+            if (s->oci)
+                child_oci(s, ep[1]);
             child(s, ep[1]);
         }
     }

@@ -55,6 +55,8 @@
 #define NS_ALL (CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC | \
                 CLONE_NEWNET | CLONE_NEWCGROUP)
 #define MAX_GROUPS 65536
+/* OCI block: CAPS bit 63 = the config's capability set (see process()). */
+#define SBX_EXEC_OCI_CAPS (1ULL << 63)
 
 static int num(const char *s, long long lo, long long hi, long long *out)
 {
@@ -92,7 +94,19 @@ static void process(const struct sbx_proc *p, uint64_t caps, const int *late, in
         sbx_err_write(REPORT_FD, SBX_STEP_STDIO, errno, -1, "setsid");
         _exit(127);
     }
-    if ((r = sbx_caps_apply(caps)) < 0) {
+    if (caps & SBX_EXEC_OCI_CAPS) {
+        /* OCI block (sandbox/oci exec): the config's set may lack SETUID/
+         * SETGID, which the identity change below needs. The bounding set
+         * becomes exactly the config's, and the two are kept in permitted/
+         * effective only until execve: not being in the bounding set, they
+         * are not granted to the new program (as root or not). */
+        caps &= ~SBX_EXEC_OCI_CAPS;
+        uint64_t id = (1ULL << 6) | (1ULL << 7);   /* CAP_SETGID, CAP_SETUID */
+        if ((r = sbx_caps_bound(caps)) < 0 || (r = sbx_caps_sets(caps | id, caps | id, 0, 0)) < 0) {
+            sbx_err_write(REPORT_FD, SBX_STEP_CAPS, -r, -1, NULL);
+            _exit(127);
+        }
+    } else if ((r = sbx_caps_apply(caps)) < 0) {
         sbx_err_write(REPORT_FD, SBX_STEP_CAPS, -r, -1, NULL);
         _exit(127);
     }

@@ -88,11 +88,87 @@ static int status_code(int st)
     return 1;
 }
 
+/* -- OCI block: `sbx-init ERRFD @oci -- ARGV...` (sandbox/oci, SPEC §12) ---
+ * The container is set up (identity, caps, seccomp: csrc/clone.c
+ * child_oci); this only waits for `sandbox-oci start` and becomes the
+ * process, PID 1 of the container as with runc. args[0] is looked up first,
+ * so a missing binary fails `create` (as runc) through the error pipe; then
+ * the pipe closes (create returns) and the open of the exec fifo (fd 4, an
+ * O_PATH fd of the state dir's fifo) for writing blocks until start opens it
+ * for reading. */
+static int find_exec(const char *file, char *buf, size_t cap)
+{
+    if (strchr(file, '/')) {
+        if (strlen(file) >= cap)
+            return -ENAMETOOLONG;
+        strcpy(buf, file);
+        return access(buf, X_OK) < 0 ? -errno : 0;
+    }
+    const char *path = getenv("PATH");
+    if (!path)
+        path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    int last = -ENOENT;
+    for (const char *p = path;; p++) {
+        const char *end = strchr(p, ':');
+        size_t dlen = end ? (size_t)(end - p) : strlen(p);
+        if (dlen + strlen(file) + 2 < cap) {
+            memcpy(buf, dlen ? p : ".", dlen ? dlen : 1);
+            size_t k = dlen ? dlen : 1;
+            buf[k++] = '/';
+            strcpy(buf + k, file);
+            struct stat st;
+            if (stat(buf, &st) == 0 && S_ISREG(st.st_mode)) {
+                if (access(buf, X_OK) == 0)
+                    return 0;
+                last = -EACCES;
+            }
+        }
+        if (!end)
+            return last;
+        p = end;
+    }
+}
+
+static int oci_main(int argc, char **argv, char **envp, int errfd)
+{
+    if (argc < 5 || strcmp(argv[3], "--") != 0)
+        return 125;
+    char exe[4096];
+    int r = find_exec(argv[4], exe, sizeof exe);
+    if (r < 0) {
+        sbx_err_write(errfd, SBX_STEP_EXECVE, -r, -1, argv[4]);
+        return 127;
+    }
+    /* PID 1 leads its session (clone.c); a console pty becomes its
+     * controlling terminal, as for runc's `terminal: true`. */
+    if (isatty(0))
+        (void)ioctl(0, TIOCSCTTY, 0);
+    close(errfd);
+    int fifo = open("/proc/self/fd/4", O_WRONLY | O_CLOEXEC);
+    if (fifo < 0)
+        return 125;
+    ssize_t w;
+    do {
+        w = write(fifo, "0", 1);
+    } while (w < 0 && errno == EINTR);
+    close(fifo);
+    close(4);
+    if (w != 1)
+        return 125;
+    /* The clone ran with every signal blocked; the process starts clean. */
+    uint64_t none = 0;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, 8);
+    execve(exe, &argv[4], envp);
+    return 127;
+}
+
 int main(int argc, char **argv, char **envp)
 {
     if (argc < 3)
         return 125;
     int errfd = atoi(argv[1]);
+    if (strcmp(argv[2], "@oci") == 0)
+        return oci_main(argc, argv, envp, errfd);
     uint64_t all = ~0ULL;
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, NULL, 8);
     take_all_signals();

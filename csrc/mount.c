@@ -123,8 +123,16 @@ static int op_file(int rootfd, const struct sbx_mount_op *op)
     int r = locate(rootfd, op->dst, op->at & SBX_AT_DST_IN_ROOT, &dirfd, &name);
     if (r < 0)
         return r;
-    /* An image may ship /etc/resolv.conf as a symlink out of its tree. */
-    if ((r = remove_entry(dirfd, name)) == 0) {
+    if (op->at & SBX_AT_KEEP) {
+        /* OCI mount point of a file bind: made if missing, never truncated;
+         * a symlink there fails (O_NOFOLLOW) instead of being followed. */
+        int fd = openat(dirfd, name, O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC,
+                        op->mode ? op->mode : 0644);
+        r = fd < 0 ? -errno : 0;
+        if (fd >= 0)
+            close(fd);
+    } else if ((r = remove_entry(dirfd, name)) == 0) {
+        /* An image may ship /etc/resolv.conf as a symlink out of its tree. */
         int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                         op->mode ? op->mode : 0644);
         if (fd < 0) {
@@ -150,8 +158,8 @@ static int ensure_dir(int rootfd, const struct sbx_mount_op *op, int dirfd, cons
         return 0;
     if (errno != EEXIST)
         return -errno;
-    if (!(op->at & SBX_AT_DST_IN_ROOT))
-        return 0;   /* a trusted path of ours: EEXIST is fine */
+    if (!(op->at & SBX_AT_DST_IN_ROOT) || (op->at & SBX_AT_KEEP))
+        return 0;   /* a trusted path of ours, or an OCI mount point: EEXIST is fine */
     struct stat st;
     if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         return -errno;
@@ -209,7 +217,8 @@ static int op_mknod(int rootfd, const struct sbx_mount_op *op)
     if (r < 0)
         return r;
     if ((r = remove_entry(dirfd, name)) == 0 &&
-        mknodat(dirfd, name, S_IFCHR | (op->mode & 07777), (dev_t)op->flags) < 0)
+        mknodat(dirfd, name, ((op->mode & S_IFMT) ? (op->mode & S_IFMT) : S_IFCHR) |
+                (op->mode & 07777), (dev_t)op->flags) < 0)
         r = -errno;
     if (dirfd >= 0)
         close(dirfd);

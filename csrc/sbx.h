@@ -68,7 +68,8 @@ enum sbx_mount_kind {
 enum sbx_mount_at {
     SBX_AT_DST_IN_ROOT = 1,   /* dst resolves inside the root */
     SBX_AT_SRC_IN_ROOT = 2,   /* src (a bind source) resolves inside the root */
-    SBX_AT_REPLACE = 4        /* MKDIR: only a real directory will do (mount points) */
+    SBX_AT_REPLACE = 4,       /* MKDIR: only a real directory will do (mount points) */
+    SBX_AT_KEEP = 8           /* OCI block: MKDIR/FILE keep whatever is there (create if missing) */
 };
 
 struct sbx_mount_op {
@@ -88,6 +89,44 @@ struct sbx_mount_op {
  * Returns a CLOEXEC fd or -errno. */
 int sbx_open_in_root(int rootfd, const char *path, int flags, uint64_t resolve);
 /* -- end of mount plan ------------------------------------------------------- */
+
+/* -- OCI front end (sandbox/oci; SPEC §12) -----------------------------------
+ * With sbx_start.oci set, PID 1 is set up as the bundle's config.json says
+ * instead of the fixed Python-API setup: which namespaces are new or joined,
+ * the process's identity, the five capability sets, rlimits, sysctls,
+ * no_new_privs only when asked and the caller's seccomp program (none when
+ * NULL). No parent-death signal: the container outlives the CLI process.
+ * It then execs sbx-init in its "@oci" mode, which waits on the exec fifo
+ * (keep_fd, moved to fd 4) until `sandbox-oci start` and execs the process. */
+struct sbx_oci {
+    unsigned long clone_ns;      /* CLONE_NEW* to create; NEWCGROUP unshared after the cgroup join */
+    const int *join_fds;         /* namespaces to setns() first, in order */
+    const int *join_types;       /* their CLONE_NEW* type */
+    int njoin;
+    const char *domainname;      /* NULL: unchanged */
+    const int *rlimit_types;     /* RLIMIT_* */
+    const uint64_t *rlimit_vals; /* soft, hard pairs */
+    int nrlimits;
+    const char *const *sysctl_paths;  /* "/proc/sys/..." written in the new namespaces */
+    const char *const *sysctl_vals;
+    int nsysctl;
+    int uid;
+    int gid;
+    const unsigned int *groups;
+    int ngroups;
+    int umask;                   /* -1: unchanged */
+    uint64_t caps_bounding;
+    uint64_t caps_effective;
+    uint64_t caps_permitted;
+    uint64_t caps_inheritable;
+    uint64_t caps_ambient;
+    int no_new_privs;
+    const void *seccomp;         /* struct sock_filter[seccomp_len], or NULL: no filter */
+    int seccomp_len;
+    const char *cwd;
+    int keep_fd;                 /* the exec fifo (O_PATH); lands on fd 4 for sbx-init */
+};
+/* -- end of OCI front end ---------------------------------------------------- */
 
 /* One process to execve: argv/envp NULL-terminated. */
 struct sbx_proc {
@@ -124,6 +163,10 @@ struct sbx_start {
      * ignored) and sends the master back over it (SCM_RIGHTS) before it
      * execs sbx-init. (tty/session block) */
     int console_fd;
+    /* NULL (the Python API): the fixed setup above. Otherwise the OCI
+     * front end's plan (sandbox/oci, SPEC §12), obeyed as written: see
+     * struct sbx_oci. (OCI block; appended, zero = no change) */
+    const struct sbx_oci *oci;
 };
 
 int sbx_abi_version(void);
@@ -151,6 +194,11 @@ void sbx_err_write(int fd, int step, int err, int index, const char *detail);
 int sbx_mount_run(const struct sbx_mount_op *ops, int n, int *failed);
 int sbx_caps_apply(uint64_t keep);
 int sbx_seccomp_install(void);
+/* OCI block: the caller's program (struct sock_filter[len]); the capability
+ * bounding set alone (while CAP_SETPCAP is still held); then the other sets. */
+int sbx_seccomp_install_prog(const void *filter, int len);
+int sbx_caps_bound(uint64_t bounding);
+int sbx_caps_sets(uint64_t eff, uint64_t perm, uint64_t inh, uint64_t amb);
 int sbx_loopback_up(void);
 int sbx_join_cgroup(const int *fds, int n);
 /* Child side of running a process: chdir, identity, exec with PATH search.

@@ -162,3 +162,15 @@ int sbx_seccomp_install(void)
         return -errno;
     return 0;
 }
+
+/* OCI block: install the caller's program (an OCI profile compiled by
+ * sandbox/oci/seccomp.py) instead of the filter above. */
+int sbx_seccomp_install_prog(const void *filter, int len)
+{
+    if (!filter || len <= 0 || len > 4096)
+        return -EINVAL;
+    struct sock_fprog prog = {(unsigned short)len, (struct sock_filter *)(uintptr_t)filter};
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
+        return -errno;
+    return 0;
+}

@@ -31,6 +31,7 @@ OP_MOUNT, OP_MKDIR, OP_FILE, OP_SYMLINK, OP_PIVOT, OP_UMOUNT = 1, 2, 3, 4, 5, 6
 OP_ROOT, OP_MKNOD = 7, 8
 # MountOp.at bits (enum sbx_mount_at): which paths resolve confined to the root.
 AT_DST_IN_ROOT, AT_SRC_IN_ROOT, AT_REPLACE = 1, 2, 4
+AT_KEEP = 8  # OCI block: keep what is there (sandbox/oci mount points)
 INIT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbx-init")
 EXEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbx-exec")
 
@@ -119,10 +120,61 @@ def _fill_ops(keep: _Keep, ops: Sequence[MountOp]):
     return arr
 
 
+@dataclass(frozen=True)
+class OciPlan:
+    """struct sbx_oci (csrc/sbx.h, OCI block): what a config.json decides
+    about PID 1 beyond the common plan. Built by sandbox/oci/plan.py."""
+    clone_ns: int
+    joins: tuple[tuple[int, int], ...] = ()     # (fd, CLONE_NEW* type), setns'd in order
+    domainname: str | None = None
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard)
+    sysctl: tuple[tuple[str, str], ...] = ()    # ("/proc/sys/...", value)
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+    umask: int = -1
+    caps: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # bounding, eff, perm, inh, amb
+    no_new_privs: bool = False
+    seccomp: bytes | None = None                # struct sock_filter[] as bytes
+    cwd: str = "/"
+    keep_fd: int = -1
+
+
+def _fill_oci(k: _Keep, o: OciPlan):
+    c = ffi.new("struct sbx_oci *")
+    k.objs.append(c)
+    c.clone_ns = o.clone_ns
+    c.join_fds = k.ints([fd for fd, _ in o.joins])
+    c.join_types = k.ints([t for _, t in o.joins])
+    c.njoin = len(o.joins)
+    c.domainname = k.s(o.domainname)
+    c.rlimit_types = k.ints([r[0] for r in o.rlimits])
+    c.rlimit_vals = k.ints([v for r in o.rlimits for v in r[1:]], "uint64_t[]")
+    c.nrlimits = len(o.rlimits)
+    c.sysctl_paths = k.argv([p for p, _ in o.sysctl])
+    c.sysctl_vals = k.argv([v for _, v in o.sysctl])
+    c.nsysctl = len(o.sysctl)
+    c.uid, c.gid = o.uid, o.gid
+    c.groups = k.ints(o.groups, "unsigned int[]")
+    c.ngroups = len(o.groups)
+    c.umask = o.umask
+    (c.caps_bounding, c.caps_effective, c.caps_permitted, c.caps_inheritable,
+     c.caps_ambient) = o.caps
+    c.no_new_privs = 1 if o.no_new_privs else 0
+    if o.seccomp:
+        buf = ffi.new("char[]", o.seccomp)
+        k.objs.append(buf)
+        c.seccomp = buf
+        c.seccomp_len = len(o.seccomp) // 8
+    c.cwd = k.s(o.cwd)
+    c.keep_fd = o.keep_fd
+    return c
+
+
 def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: str,
           ops: Sequence[MountOp], caps: int, init_fd: int, init_argv: Sequence[str],
           init_env: Sequence[str], stdio: tuple[int, int, int],
-          console_fd: int = -1) -> tuple[int, int, int]:
+          console_fd: int = -1, oci: "OciPlan | None" = None) -> tuple[int, int, int]:
     """Clones PID 1. Returns (pid, pidfd, errfd). With console_fd (a unix
     socket) the child sends the master of its console pty over it; stdio is
     then unused."""
@@ -141,6 +193,8 @@ def start(*, netns_fd: int, cgroup_fd: int, procs_fds: Sequence[int], hostname: 
     s.init_envp = k.argv(init_env)
     s.stdin_fd, s.stdout_fd, s.stderr_fd = stdio
     s.console_fd = console_fd
+    if oci is not None:
+        s.oci = _fill_oci(k, oci)
     pidfd = ffi.new("int *", -1)
     errfd = ffi.new("int *", -1)
     pid = check(lib.sbx_start(s, pidfd, errfd), "clone")
