@@ -263,6 +263,7 @@ def test_shell_on_a_terminal(terminals):
     """`sandbox run -- sh` on a terminal behaves as a login shell: its own
     pty, job control, ^C for the foreground job only, window size, exit code."""
     t = terminals([*SANDBOX, "run", "--", "sh"], rows=30, cols=90)
+    t.expect(rb"# ")           # the shell's first prompt: no typeahead race with raw mode
     t.write(b"tty\n")
     t.expect(rb"\n/dev/pts/0\r\n")
     # PID 1 leads a session of its own and has no terminal.
