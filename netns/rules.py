@@ -98,6 +98,11 @@ table inet {name} {{
     # host's own addresses are not reachable through the proxy port trick.
     chain prerouting_mangle {{
         type filter hook prerouting priority mangle; policy accept;
+        # Reverse-path check: a packet from a sandbox's veth must carry the
+        # address routed to that veth. The sandbox lacks NET_RAW/NET_ADMIN
+        # to forge one today; this keeps it so if a capability or a kernel
+        # path ever allows it (the proxy identifies sandboxes by source).
+        {sb} fib saddr . iif oif missing drop
         {sb} meta l4proto tcp tcp dport {{ 80, 443 }} fib daddr type != local tproxy ip to 127.0.0.1:{proxy_port} meta mark set {mark:#x} accept
         {sb} meta l4proto udp udp dport 53 ct timeout set "dns_udp"
     }}
