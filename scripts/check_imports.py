@@ -69,7 +69,9 @@ def scan(mods: dict[str, str]):
                     continue
                 if name and name.startswith("_") and not name.startswith("__") and target != mod:
                     private.append(f"{mod}: from {target} import {name}")
-                if id(node) in top_level or _in_type_checking(tree, node):
+                if _in_type_checking(tree, node):
+                    continue            # typing only: never executed
+                if id(node) in top_level:
                     if target != mod:
                         edges[mod].add(target)
                 else:
