@@ -269,3 +269,17 @@ def test_identity_caps_rlimits_and_mounts(env):
     assert lines[6] == "t=1" and not (host / "g").exists()
     assert lines[7].strip() == "0"
     assert not (env.bundle / "rootfs" / "vol" / "f").exists()
+
+
+@pytest.mark.parametrize("cmd", [["state", "x"], ["list"], ["kill", "x", "KILL"]])
+def test_lean_import_path(cmd, tmp_path):
+    """Every containerd call is a new process: state/kill/list load neither the
+    executor nor the proxy, network or image stacks."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "sandbox.oci.cli", "--root",
+                        str(tmp_path), *cmd], capture_output=True, text=True, timeout=30)
+    mods = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    heavy = {m for m in mods if m.split(".")[0] in ("netns", "pyroute2", "cryptography", "httpx",
+                                                    "structlog", "h11", "dns", "click")
+             or m.startswith(("sandbox.proxy", "sandbox.runtime", "sandbox.images",
+                              "sandbox._native"))}
+    assert "sandbox.oci.state" in mods and not heavy, sorted(heavy)
