@@ -1,8 +1,7 @@
 """`sandbox serve` and its thin clients `ps`, `exec`, `kill`, `rm`, `inspect` (SPEC §7).
 
 The clients speak the JSON API of docs/api.md with the standard library's
-`http.client` over the unix socket. cli.py imports this module at its very
-end, so `cli` and `Failure` exist by then.
+`http.client` over the unix socket. Its commands register on the group of group.py.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import urllib.parse
 
 import click
 
-from .cli import Failure, _env_pairs, cli
+from .group import Failure, cli, env_pairs
 
 SOCKET_NAME = "sandbox.sock"
 
@@ -51,7 +50,7 @@ def serve_command(ctx, socket_path, resolver, insecure, registry_auth):
     """
     import asyncio
 
-    from .server import BadArgument, ServerBusy, serve
+    from ..server import BadArgument, ServerBusy, serve
 
     if os.geteuid() != 0:
         raise Failure("sandbox serve must run as root")
@@ -216,7 +215,7 @@ def exec_command(socket_path, interactive, envs, cwd, user, name, cmd):
         cmd = cmd[1:]
     if not cmd:
         raise click.UsageError("exec needs a command: sandbox exec NAME -- CMD...")
-    env = _env_pairs(envs)
+    env = env_pairs(envs)
     client = Client(socket_path)
     conn = client.connection()
     url = f"/sandboxes/{_q(name)}/exec"

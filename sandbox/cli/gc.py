@@ -1,7 +1,7 @@
 """`sandbox gc` (SPEC §7): remove what dead runtimes left behind.
 
-cli.py imports this module at its very end, so only `cli` is imported at the
-top (it exists by then); everything else is imported when the command runs.
+Only the group is imported at the top; everything else is imported when
+the command runs.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import click
 
-from .cli import cli
+from .group import cli
 
 
 @cli.command("gc")
@@ -20,8 +20,8 @@ def gc_command(ctx):
     Scans /run/sandbox and --state-dir. Safe to run at any time: a live
     runtime's objects are never touched. Prints one line per removed object.
     """
-    from . import gc as _gc
-    from .cli import Failure
+    from .. import gc as _gc
+    from .group import Failure
 
     if os.geteuid() != 0:
         raise Failure("sandbox gc must run as root")

@@ -1,8 +1,8 @@
 """`sandbox pull`, `sandbox images`, `sandbox rmi` (SPEC §11).
 
 They use the image store of --state-dir (`<state-dir>/images`) directly: no
-sandbox is made, so no Runtime is opened (no network, no cgroups). cli.py
-imports this module at its very end, so `cli` and `Failure` exist by then.
+sandbox is made, so no Runtime is opened (no network, no cgroups). Its commands
+register on the group of group.py.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import time
 
 import click
 
-from .cli import Failure, cli
+from .group import Failure, cli
 
 
 def _runtime(insecure=(), registry_auth=None):
-    from . import Runtime
+    from .. import Runtime
     obj = click.get_current_context().find_root().obj or {}
     try:
         return Runtime(state_dir=obj.get("state_dir") or "/run/sandbox",
@@ -81,7 +81,7 @@ def _image_error(e) -> Failure:
 def pull_command(insecure, registry_auth, ref):
     """Pull REF into the image store: HOST[:PORT]/REPO[:TAG|@DIGEST],
     oci-layout:DIR[:TAG] or docker-archive:FILE."""
-    from .errors import ImageError
+    from ..errors import ImageError
     if os.geteuid() != 0:
         raise Failure("sandbox pull must run as root")
     rt = _runtime(insecure, registry_auth)
@@ -116,7 +116,7 @@ def images_command(digests):
 @click.argument("refs", nargs=-1)
 def rmi_command(prune, refs):
     """Remove images by name (or digest); the layers go with the last name."""
-    from .errors import ImageError
+    from ..errors import ImageError
     if not refs and not prune:
         raise click.UsageError("name an image (or --prune)")
     rt = _runtime()

@@ -1,4 +1,4 @@
-"""The `sandbox` binary (SPEC §7, §10 "CLI")."""
+"""`sandbox run` (SPEC §7): one sandbox in the foreground."""
 from __future__ import annotations
 
 import asyncio
@@ -9,40 +9,10 @@ import sys
 
 import click
 
-from .log import configure
+from .group import Failure, cli, env_pairs
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGWINCH)
-
-
-class Failure(Exception):
-    """A runtime failure reported as one line with an exit code."""
-
-    def __init__(self, msg: str, code: int = 125):
-        super().__init__(msg)
-        self.code = code
-
-
-def _env_pairs(values) -> dict[str, str]:
-    env = {}
-    for v in values:
-        if "=" not in v or v.startswith("="):
-            raise click.BadParameter(f"--env expects K=V, got {v!r}")
-        k, val = v.split("=", 1)
-        env[k] = val
-    return env
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--state-dir", default="/run/sandbox", show_default=True, help="runtime state directory")
-@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
-              help="log format (default: console on a TTY, JSON otherwise)")
-@click.option("--debug", is_flag=True, help="debug logs and tracebacks")
-@click.pass_context
-def cli(ctx, state_dir, log_format, debug):
-    """A low-level Linux sandbox runtime."""
-    ctx.obj = {"state_dir": state_dir, "debug": debug}
-    configure(log_format or "auto", debug=debug)
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
@@ -71,7 +41,7 @@ def run(ctx, rootfs, image, insecure, registry_auth, envs, no_internet, allow_ho
 
     When stdin is a terminal, CMD gets a terminal of its own (a pty of the
     sandbox, as `docker run -t`), relayed to this one in raw mode."""
-    env = _env_pairs(envs)
+    env = env_pairs(envs)
     if not cmd and image is None:
         raise click.UsageError("missing CMD (or --image REF, whose config names one)")
     user_v = int(user) if user is not None and user.isdigit() else user
@@ -84,7 +54,7 @@ def run(ctx, rootfs, image, insecure, registry_auth, envs, no_internet, allow_ho
 
 
 async def _run(obj, o) -> int:
-    from . import ExecError, Runtime
+    from .. import ExecError, Runtime
     loop = asyncio.get_running_loop()
     try:
         rt = Runtime(state_dir=obj["state_dir"], resolver=o["resolver"],
@@ -167,7 +137,7 @@ async def _run(obj, o) -> int:
                 finally:
                     for c in copies:
                         await c.done()
-            from .console import TerminalRelay
+            from ..console import TerminalRelay
             master = os.dup(box.console_fd)   # ours: the sandbox closes its own at release
             try:
                 with TerminalRelay(master) as relay:
@@ -248,7 +218,7 @@ def _plain_stdio() -> tuple[tuple[int, int, int], list]:
 
 
 async def _wait(box) -> int:
-    from . import ContainerExitError, SandboxError
+    from .. import ContainerExitError, SandboxError
     try:
         await box.monitor()
         return 0
@@ -265,46 +235,3 @@ def _apply_hosts(box, o) -> None:
     if setter is None:
         raise Failure("--allow-host/--deny-host need the outbound proxy, which this build lacks")
     setter(allowed=o["allow"] or None, denied=o["deny"])
-
-
-def main(argv=None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        cli.main(args=argv, prog_name="sandbox", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.Abort:
-        sys.exit(130)
-    except click.UsageError as e:
-        msg = e.format_message().replace("\n", " ")
-        print(f"sandbox: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except click.ClickException as e:
-        print(f"sandbox: error: {e.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except Failure as e:
-        if debug:
-            import traceback
-            traceback.print_exc()
-        print(f"sandbox: {e}", file=sys.stderr)
-        sys.exit(e.code)
-    except SystemExit:
-        raise
-    except BaseException as e:  # a runtime failure: one line, no traceback
-        if debug:
-            import traceback
-            traceback.print_exc()
-        msg = str(e).replace("\n", " ") or type(e).__name__
-        print(f"sandbox: {type(e).__name__}: {msg}", file=sys.stderr)
-        sys.exit(125)
-
-
-
-# Subcommands living in their own modules register themselves on `cli`.
-from . import cli_gc  # noqa: E402,F401
-from . import cli_serve  # noqa: E402,F401
-from . import cli_images  # noqa: E402,F401
-
-
-if __name__ == "__main__":
-    main()
