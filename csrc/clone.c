@@ -251,6 +251,24 @@ static void child_oci(const struct sbx_start *s, int errfd)
             fail(errfd, SBX_STEP_STDIO, r, -1, what);
     } else if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
         fail(errfd, SBX_STEP_STDIO, r, -1, NULL);
+    /* sbx-init finds the error pipe on fd 3 and the exec fifo on fd 4. */
+    int init_fd = s->init_fd;
+    if (init_fd <= 4 && (init_fd = fcntl(init_fd, F_DUPFD_CLOEXEC, 5)) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    int keep = o->keep_fd;
+    if (keep >= 0 && keep <= 4 && (keep = fcntl(keep, F_DUPFD_CLOEXEC, 5)) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    if (errfd != 3) {
+        if (dup2(errfd, 3) < 0)
+            fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+        errfd = 3;
+    }
+    if (keep >= 0 && dup2(keep, 4) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    if (syscall(SYS_close_range, keep >= 0 ? 5 : 4, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
+    /* After the fd work: an older profile (runtime-tools', Docker's before
+     * 2020) does not list close_range and would refuse it. */
     if (o->seccomp && !o->no_new_privs &&
         (r = sbx_seccomp_install_prog(o->seccomp, o->seccomp_len)) < 0)
         fail(errfd, SBX_STEP_SECCOMP, r, -1, NULL);
@@ -272,22 +290,6 @@ static void child_oci(const struct sbx_start *s, int errfd)
         fail(errfd, SBX_STEP_CAPS, r, -1, NULL);
     if (o->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         fail(errfd, SBX_STEP_NO_NEW_PRIVS, -errno, -1, NULL);
-    /* sbx-init finds the error pipe on fd 3 and the exec fifo on fd 4. */
-    int init_fd = s->init_fd;
-    if (init_fd <= 4 && (init_fd = fcntl(init_fd, F_DUPFD_CLOEXEC, 5)) < 0)
-        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
-    int keep = o->keep_fd;
-    if (keep >= 0 && keep <= 4 && (keep = fcntl(keep, F_DUPFD_CLOEXEC, 5)) < 0)
-        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
-    if (errfd != 3) {
-        if (dup2(errfd, 3) < 0)
-            fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
-        errfd = 3;
-    }
-    if (keep >= 0 && dup2(keep, 4) < 0)
-        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
-    if (syscall(SYS_close_range, keep >= 0 ? 5 : 4, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
-        fail(errfd, SBX_STEP_CLOSE_FDS, -errno, -1, NULL);
     if (chdir(o->cwd ? o->cwd : "/") < 0)
         fail(errfd, SBX_STEP_CHDIR, -errno, -1, o->cwd);
     if (o->seccomp && o->no_new_privs &&

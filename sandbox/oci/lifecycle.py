@@ -170,10 +170,9 @@ def start(root: str, cid: str) -> None:
                 p.register(pidfd, select.POLLIN)
                 while True:
                     ready = dict(p.poll())
-                    if fifo in ready:
-                        if os.read(fifo, 1):
-                            break
-                    if pidfd in ready and fifo not in ready:
+                    if fifo in ready and os.read(fifo, 1):
+                        break
+                    if ready:  # the init exited, or closed the fifo without its byte
                         raise OciError("container init exited before start")
             finally:
                 os.close(fifo)
