@@ -95,6 +95,7 @@ class RuntimeNetwork:
         self._filling: set[asyncio.Task] = set()
         self.warm = WARM
         self._closing = False
+        self._unsettled: list = []   # (box, net) attached, netns fd still open
         self._pool_blocks = pool_blocks   # private: a smaller pool (tests of exhaustion)
 
     @staticmethod
@@ -231,10 +232,28 @@ class RuntimeNetwork:
             self.detach(box, net, lambda: self._state.remove_sandbox(net.sid))
             raise
         self._by_ip[net.address] = box
+        self._settle()
+        self._unsettled.append((box, net))
         self._refill()
         log.debug("network.attach", sandbox=box.name, step="network", address=net.address,
                   ms=round((time.perf_counter() - t0) * 1000, 2))
         return net
+
+    def _settle(self) -> None:
+        """Close the netns fd of every attached sandbox whose PID 1 runs: the
+        C core needed it only to place PID 1, and 10 000 of them would
+        exhaust RLIMIT_NOFILE; the bind mount keeps the namespace and
+        NetNS.run_in reopens it when a port is reached. Done at the next
+        attach (the list holds only sandboxes still starting)."""
+        keep = []
+        for box, net in self._unsettled:
+            if net.ns.closed:
+                continue
+            if box.running:
+                net.ns.release_fd()
+            else:
+                keep.append((box, net))
+        self._unsettled = keep
 
     def set_internet(self, net: SandboxNet, on: bool) -> None:
         self.host.set_internet(net.ifname, on)

@@ -29,17 +29,78 @@ _DEFAULT_FILES = _rootfs.EtcFiles("x", "x").files(default_users=True)
 _DEFAULT_USERS = (_DEFAULT_FILES["passwd"], _DEFAULT_FILES["group"])
 
 
+class ProcsFds:
+    """The cgroup.procs fds sandboxes' processes join through, opened when a
+    start or exec asks for them and kept for the PROCS_FDS_KEPT sandboxes used
+    last (LRU). Held for every sandbox (four on v1), 10 000 sandboxes needed
+    40 000 fds: past RLIMIT_NOFILE, which root without CAP_SYS_RESOURCE cannot
+    raise. An entry is evicted only when another sandbox's fds are asked for,
+    and every reader passes them to the C core in the same synchronous
+    expression (sandbox.py: native.start / native.spawn_exec), so no fd is
+    closed between being read and being handed to the child."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._open: dict[int, tuple] = {}    # id(res) -> (res, fds), oldest first (res held: id stays unique)
+
+    def get(self, res: "Resources") -> tuple[int, ...]:
+        key = id(res)
+        entry = self._open.pop(key, None)
+        if entry is not None:
+            fds = entry[1]
+        else:
+            opened: list[int] = []
+            try:
+                for d in res.procs_paths:
+                    opened.append(os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
+            except BaseException:
+                for fd in opened:
+                    os.close(fd)
+                raise
+            fds = tuple(opened)
+            while len(self._open) >= self.keep:
+                self._close(self._open.pop(next(iter(self._open)))[1])
+        self._open[key] = (res, fds)
+        return fds
+
+    def drop(self, res: "Resources") -> None:
+        entry = self._open.pop(id(res), None)
+        if entry is not None:
+            self._close(entry[1])
+
+    def clear(self) -> None:
+        while self._open:
+            self._close(self._open.popitem()[1][1])
+
+    @staticmethod
+    def _close(fds) -> None:
+        for fd in fds:
+            os.close(fd)
+
+
+PROCS_FDS_KEPT = 64
+
+
 @dataclass
 class Resources:
     """Kernel objects one sandbox holds while it runs, released in reverse."""
     netns_fd: int = -1
     cgroup_fd: int = -1
-    procs_fds: tuple[int, ...] = ()
+    procs_paths: tuple[str, ...] = ()
     procs_late: int = 0      # how many of procs_fds (the last ones) hold the memory controller
     nameserver: str = "127.0.0.1"
     cgroup: Any = None
     net: Any = None
     closers: list = field(default_factory=list)
+    procs_cache: Any = None
+
+    @property
+    def procs_fds(self) -> tuple[int, ...]:
+        """O_WRONLY fds of cgroup.procs of procs_paths, valid until the next
+        read for another sandbox (ProcsFds): pass them on at once."""
+        if not self.procs_paths:
+            return ()
+        return self.procs_cache.get(self)
 
 
 _MFD_EXEC = 0x0010          # linux >= 6.3: say so, or vm.memfd_noexec may refuse the exec
@@ -149,6 +210,7 @@ class Runtime:
                 raise SandboxError(f"cannot load {path} ({e.strerror}); "
                                    "rebuild: pip install -e .") from e
         self._devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self._procs = ProcsFds(PROCS_FDS_KEPT)
         self._cgroup_backend = _cgroups.default_backend()
         self._parts: dict[str, set] = {}
         try:
@@ -192,6 +254,8 @@ class Runtime:
             # Only when everything it lists is gone: otherwise gc finishes it.
             self._state.close()
         self._state = None
+        if getattr(self, "_procs", None) is not None:
+            self._procs.clear()
         if self._devnull >= 0:
             os.close(self._devnull)
         self._devnull = -1
@@ -304,9 +368,9 @@ class Runtime:
         # pressure must not OOM-kill it or fail its report), its child joins it.
         mem = {cg.dirs.get("memory"), cg.dirs.get("")} - {None}
         paths = [d for d in cg.paths if d not in mem] + [d for d in cg.paths if d in mem]
-        fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in paths]
-        res.closers.append(lambda: [os.close(fd) for fd in fds])
-        res.procs_fds = tuple(fds)
+        res.procs_paths = tuple(paths)
+        res.procs_cache = self._procs
+        res.closers.append(lambda: self._procs.drop(res))
         res.procs_late = sum(d in mem for d in paths)
         if cg.dirfd is not None:
             res.cgroup_fd = cg.dirfd

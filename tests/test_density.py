@@ -128,3 +128,29 @@ def test_state_record_changes_are_flat_in_n(tmp_path):
     finally:
         st.close()
     assert os.listdir(tmp_path / "journal") == [] and os.listdir(state.runtimes_dir(tmp_path)) == []
+
+
+@run
+async def test_runtime_fds_per_sandbox():
+    """Each idle sandbox used to hold six fds in the runtime (netns, pidfd,
+    four cgroup.procs on v1): 10 000 of them need more than this host's
+    RLIMIT_NOFILE hard limit (20 000), which root without CAP_SYS_RESOURCE
+    cannot raise. Now only its pidfd stays; the rest are reopened on use."""
+    async with sandbox.Runtime() as rt:
+        first = rt.sandbox()
+        await first.start(enable_internet=False)
+        rt._procs.keep = 2        # the LRU of cgroup.procs fds (64 by default) out of the count
+        before = len(os.listdir("/proc/self/fd"))
+        boxes = [rt.sandbox() for _ in range(20)]
+        for b in boxes:
+            await b.start(enable_internet=False)
+        for b in boxes:           # exec still joins every cgroup hierarchy (seen from the host)
+            p = await b.exec(["sleep", "30"], stdout="ignore", stderr="ignore")
+            with open(f"/proc/{p.host_pid}/cgroup") as f:
+                lines = [line.strip() for line in f]
+            p.kill(9)
+            await p.exit_code
+            mine = {line.split(":")[1] for line in lines if f"/sandbox/{rt.tag}." in line}
+            assert {"memory", "pids", "cpu", "cpuacct"} <= mine, lines
+        after = len(os.listdir("/proc/self/fd"))
+        assert (after - before) / 20 < 2, (before, after)
