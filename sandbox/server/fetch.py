@@ -20,11 +20,11 @@ import json
 
 import h11
 
-from .proxy.client import ClientConnection
-from .proxy.models import Request
-from .server_http import HttpError
-from .server_http import Request as ApiRequest
-from .server_json import _only
+from ..proxy.client import ClientConnection
+from ..proxy.models import Request
+from .http import HttpError
+from .http import Request as ApiRequest
+from .views import check_fields
 
 __all__ = ["port_fetch"]
 
@@ -51,7 +51,7 @@ def _request(o: dict, port: int) -> Request:
 
 async def port_fetch(req: ApiRequest, box) -> int:
     o = await req.json()            # bounded by MAX_JSON
-    _only(o, FIELDS, "POST /sandboxes/{name}/fetch")
+    check_fields(o, FIELDS, "POST /sandboxes/{name}/fetch")
     port = o.get("port")
     tcp = box.get_tcp_port(port)    # ValueError (400) for a bad port
     request = _request(o, port)

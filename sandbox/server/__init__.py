@@ -20,8 +20,8 @@ Security: the socket is the authentication. It is created 0600 under a
 temporary name and renamed into place, so there is no window in which
 another user could connect; only root runs the server.
 
-Parts: `server_http` (h11 plumbing: `Conn`, `Request`, `HttpError`),
-`server_json` (argument checks, JSON views, error statuses) and `server_api`
+Parts: `http` (h11 plumbing: `Conn`, `Request`, `HttpError`),
+`views` (argument checks, JSON views, error statuses) and `api`
 (routing and the endpoint handlers, mixed into `Server`).  This module is the
 daemon: the socket, the connection loop, and `serve`.
 """
@@ -37,14 +37,14 @@ import time
 
 import h11
 
-from .log import get_logger
+from ..log import get_logger
 # Re-exported: these names were all defined here before the split, and
 # `sandbox.server.<name>` keeps working.
-from .server_api import (CREATE_FIELDS, EXEC_FIELDS, POLICY_FIELDS,  # noqa: F401
+from .api import (CREATE_FIELDS, EXEC_FIELDS, POLICY_FIELDS,  # noqa: F401
                          START_FIELDS, Endpoints)
-from .server_http import (MAX_JSON, READ_SIZE, SERVER_NAME, Conn, HttpError,  # noqa: F401
-                          Request, _reason)
-from .server_json import details, error_status, summary  # noqa: F401
+from .http import (MAX_JSON, READ_SIZE, SERVER_NAME, Conn, HttpError,  # noqa: F401
+                          Request, reason_phrase)
+from .views import details, error_status, summary  # noqa: F401
 
 log = get_logger("sandbox.server")
 CLOSE_TIMEOUT = 5.0     # seconds a closing connection may take to flush what it holds
@@ -170,7 +170,7 @@ class Server(Endpoints):
                         try:
                             await conn.send(h11.Response(
                                 status_code=e.error_status_hint,
-                                reason=_reason(e.error_status_hint),
+                                reason=reason_phrase(e.error_status_hint),
                                 headers=[(b"content-type", b"application/json"),
                                          (b"content-length", str(len(body)).encode()),
                                          (b"connection", b"close")]))
@@ -256,7 +256,7 @@ class Server(Endpoints):
 async def serve(state_dir: str, socket_path: str, resolver: str | None = None,
                 ready=None, **runtime_options) -> None:
     """Runs until SIGTERM/SIGINT; then destroys every sandbox and removes the socket."""
-    from .runtime import Runtime
+    from ..runtime import Runtime
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:

@@ -4,7 +4,7 @@
 holds the socket and the connection loop.  A handler takes a `Request` (and
 the sandbox named in the path), answers through it, and returns the status it
 sent when that is not 200 (for the request log); raising maps to a JSON error
-through `server_json.error_status`.
+through `views.error_status`.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from typing import Any
 
 import h11
 
-from .errors import ContainerError, ContainerExitError
-from .log import get_logger
-from .server_http import HttpError, Request
-from .server_json import _handlers, _host_list, _only, _opt, _signo, _stats, details, summary
+from ..errors import ContainerError, ContainerExitError
+from ..log import get_logger
+from .http import HttpError, Request
+from .views import handler_map, host_list, check_fields, opt_field, parse_signal, box_stats, details, summary
 
 # Same logger as the daemon: the events ("server.create", ...) are unchanged.
 log = get_logger("sandbox.server")
@@ -47,9 +47,9 @@ class Endpoints:
         if p == ["stats"]:
             table = {"GET": self.get_stats}
         elif p and p[0] == "images" and len(p) <= 2:
-            # docs/api.md "Images" (sandbox/server_images.py); a ref is one
+            # docs/api.md "Images" (sandbox/server/images.py); a ref is one
             # URL-encoded segment: /images/127.0.0.1%3A5000%2Fteam%2Fapp%3A1
-            from . import server_images as si
+            from . import images as si
             rt = self.rt
             if len(p) == 1:
                 table = {"GET": lambda r: si.list_images(rt, r), "POST": lambda r: si.pull_image(rt, r)}
@@ -96,7 +96,7 @@ class Endpoints:
         boxes = self.rt.sandboxes
         cpu = mem = 0
         for b in boxes:
-            st = _stats(b)
+            st = box_stats(b)
             cpu += st.get("cpu_usage_ns") or 0
             mem += st.get("memory_current") or 0
         try:
@@ -122,14 +122,14 @@ class Endpoints:
 
     async def create(self, req: Request):
         o = await req.json()
-        _only(o, CREATE_FIELDS, "POST /sandboxes")
+        check_fields(o, CREATE_FIELDS, "POST /sandboxes")
         for k in ("name", "rootfs", "image"):
-            _opt(o, k, str, "a string")
+            opt_field(o, k, str, "a string")
         start = o.get("start", True)
         if not isinstance(start, bool):
             raise TypeError("start must be a bool")
-        _host_list(o, "allowed_hosts"), _host_list(o, "denied_hosts")
-        from .server_images import image_errors
+        host_list(o, "allowed_hosts"), host_list(o, "denied_hosts")
+        from .images import image_errors
         with image_errors():
             return await self._create(req, o, start)
 
@@ -156,10 +156,10 @@ class Endpoints:
 
     async def start_box(self, req: Request, box):
         o = await req.json()
-        _only(o, START_FIELDS, "POST /sandboxes/{name}/start")
+        check_fields(o, START_FIELDS, "POST /sandboxes/{name}/start")
         if box.state == "running":
             raise HttpError(409, f"sandbox {box.name} is already running")
-        from .server_images import image_errors
+        from .images import image_errors
         with image_errors():
             await box.start(**o)
         await req.reply(200, {"id": box.id, "name": box.name, "state": box.state,
@@ -174,10 +174,10 @@ class Endpoints:
 
     async def signal(self, req: Request, box):
         o = await req.json()
-        _only(o, ("signal",), "POST /sandboxes/{name}/signal")
+        check_fields(o, ("signal",), "POST /sandboxes/{name}/signal")
         if "signal" not in o:
             raise TypeError("signal is required (a number 1..64 or a name like \"TERM\")")
-        signo = _signo(o["signal"])
+        signo = parse_signal(o["signal"])
         box.signal(signo)
         await req.reply(200, {"name": box.name, "signal": signo, "state": box.state})
 
@@ -209,21 +209,21 @@ class Endpoints:
     async def port_fetch(self, req: Request, box):
         """An HTTP request to a port inside the sandbox (SPEC §3 get_tcp_port):
         {port, method?, path?, headers?, body?: base64} -> {status, headers, body: base64},
-        streamed (server_fetch.py): the daemon never holds the whole body."""
-        from .server_fetch import port_fetch
+        streamed (server/fetch.py): the daemon never holds the whole body."""
+        from .fetch import port_fetch
         return await port_fetch(req, box)
 
     async def policy(self, req: Request, box):
         o = await req.json()
-        _only(o, POLICY_FIELDS, "PUT /sandboxes/{name}/policy")
+        check_fields(o, POLICY_FIELDS, "PUT /sandboxes/{name}/policy")
         applied = await self._apply_policy(box, o)
         await req.reply(200, {"name": box.name, "applied": applied})
 
     async def _apply_policy(self, box, o: dict) -> list[str]:
-        allowed = _host_list(o, "allowed_hosts")
-        denied = _host_list(o, "denied_hosts")
-        http = _handlers(o, "http_handlers")
-        https = _handlers(o, "https_handlers")
+        allowed = host_list(o, "allowed_hosts")
+        denied = host_list(o, "denied_hosts")
+        http = handler_map(o, "http_handlers")
+        https = handler_map(o, "https_handlers")
         steps = []          # (field, method name, args)
         if "allowed_hosts" in o:
             steps.append(("allowed_hosts", "set_allowed_hosts", [(allowed,)]))
@@ -253,7 +253,7 @@ class Endpoints:
             raise HttpError(501, f"this build cannot apply policy: Sandbox.{missing[0]} "
                                  "is not available")
         try:
-            from .proxy.policy import parse_target
+            from ..proxy.policy import parse_target
         except ImportError:
             parse_target = None
         if parse_target is not None:
@@ -293,7 +293,7 @@ class Endpoints:
                     env=o.get("env"), user=user)
 
     def _exec_query(self, req: Request) -> dict:
-        _only(req.query, EXEC_FIELDS[:-2] + ("stderr",), "exec query")
+        check_fields(req.query, EXEC_FIELDS[:-2] + ("stderr",), "exec query")
         env = {}
         for kv in req.query.get("env", []):
             k, sep, v = kv.partition("=")
@@ -308,7 +308,7 @@ class Endpoints:
         """The entrypoint's log ring as NDJSON lines like exec's
         ({"stream", "data" base64}); `?follow=1` streams until the sandbox
         stops; the last line counts what the ring dropped."""
-        _only(req.query, ("follow",), "logs query")
+        check_fields(req.query, ("follow",), "logs query")
         follow = req.q1("follow") in ("1", "true", "yes")
         conn = req.conn
         await req.start(200, "application/x-ndjson")
@@ -363,7 +363,7 @@ class Endpoints:
             a["stdin"] = body()
         else:
             o = await req.json()
-            _only(o, EXEC_FIELDS, "POST /sandboxes/{name}/exec")
+            check_fields(o, EXEC_FIELDS, "POST /sandboxes/{name}/exec")
             a = self._exec_args(o)
             body_done.set()
         if a["cmd"] is None:

@@ -2,7 +2,7 @@
 
 `Conn` feeds h11 and watches for a hang-up; `Request` parses the target and
 answers JSON.  Nothing here knows about sandboxes: the endpoints live in
-`server_api`, the daemon in `server` (which re-exports these names).
+`api`, the daemon in `__init__` (which re-exports these names).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ READ_SIZE = 64 * 1024
 SERVER_NAME = b"sandbox"
 
 
-def _reason(status: int) -> bytes:
+def reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
@@ -133,7 +133,7 @@ class Request:
         headers += extra or []
         self.started = True
         await self.conn.send(h11.Response(status_code=status, headers=headers,
-                                          reason=_reason(status)))
+                                          reason=reason_phrase(status)))
 
     async def reply(self, status: int, obj: Any, extra: list | None = None) -> None:
         body = (json.dumps(obj) + "\n").encode()

@@ -1,14 +1,14 @@
 """The image endpoints of `sandbox serve` (docs/api.md "Images"): pull, list,
-remove, prune. Handlers of server_api's route table; an ImageError becomes
+remove, prune. Handlers of api.py's route table; an ImageError becomes
 the status its kind says (bad reference 400, unknown 404, in use 409,
 registry trouble 502, a refused or mismatching image 422)."""
 from __future__ import annotations
 
 import contextlib
 
-from .errors import ImageError
-from .server_http import HttpError, Request
-from .server_json import _only
+from ..errors import ImageError
+from .http import HttpError, Request
+from .views import check_fields
 
 STATUS = {"bad-reference": 400, "not-found": 404, "in-use": 409, "unreachable": 502,
           "denied": 502, "digest": 422, "refused": 422}
@@ -34,7 +34,7 @@ async def list_images(rt, req: Request):
 
 async def pull_image(rt, req: Request):
     o = await req.json()
-    _only(o, ("ref",), "POST /images")
+    check_fields(o, ("ref",), "POST /images")
     ref = o.get("ref")
     if not isinstance(ref, str):
         raise TypeError("ref must be a string")

@@ -3,7 +3,7 @@
 Argument checks (each failure is one line naming the field, answered 400),
 the JSON views of a sandbox (`summary`, `details`), and `error_status`, the
 exception -> HTTP status contract of docs/api.md.  Pure functions, kept apart
-from the handlers in `server_api` so that file stays about the endpoints.
+from the handlers in `api` so that file stays about the endpoints.
 """
 from __future__ import annotations
 
@@ -13,27 +13,27 @@ import time
 
 import h11
 
-from .errors import ExecError, SandboxError, SandboxNotRunning
-from .server_http import HttpError
+from ..errors import ExecError, SandboxError, SandboxNotRunning
+from .http import HttpError
 
 
 # -- argument checks (one line, naming the field) ------------------------------
 
-def _only(obj: dict, allowed: tuple[str, ...], what: str) -> None:
+def check_fields(obj: dict, allowed: tuple[str, ...], what: str) -> None:
     extra = sorted(set(obj) - set(allowed))
     if extra:
         raise HttpError(400, f"{what}: unknown field(s) {', '.join(extra)}; "
                              f"known: {', '.join(allowed)}")
 
 
-def _opt(obj: dict, key: str, types, what: str):
+def opt_field(obj: dict, key: str, types, what: str):
     v = obj.get(key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
         raise TypeError(f"{key} must be {what}")
     return v
 
 
-def _host_list(obj: dict, key: str) -> list[str] | None:
+def host_list(obj: dict, key: str) -> list[str] | None:
     v = obj.get(key)
     if v is None:
         return None
@@ -42,7 +42,7 @@ def _host_list(obj: dict, key: str) -> list[str] | None:
     return v
 
 
-def _handlers(obj: dict, key: str) -> dict[str, str]:
+def handler_map(obj: dict, key: str) -> dict[str, str]:
     v = obj.get(key)
     if v is None:
         return {}
@@ -55,7 +55,7 @@ def _handlers(obj: dict, key: str) -> dict[str, str]:
     return v
 
 
-def _signo(v) -> int:
+def parse_signal(v) -> int:
     if isinstance(v, str):
         name = v.upper()
         if name.isdigit():
@@ -69,7 +69,7 @@ def _signo(v) -> int:
     return v  # box.signal validates ints (1..64, not bool)
 
 
-def _stats(box) -> dict:
+def box_stats(box) -> dict:
     res = getattr(box, "_res", None)
     cg = getattr(res, "cgroup", None)
     if cg is None or not hasattr(cg, "stats"):
@@ -91,7 +91,7 @@ def _uptime(box) -> float | None:
 
 
 def summary(box) -> dict:
-    st = _stats(box)
+    st = box_stats(box)
     return {
         "id": box.id, "name": box.name, "state": box.state, "pid": box.pid or None,
         "address": getattr(box, "address", None),
@@ -132,7 +132,7 @@ def details(box) -> dict:
     out["rootfs"] = getattr(box, "_rootfs", None)
     out["env_keys"] = sorted(getattr(box, "_env", {}) or {})
     out["enable_internet"] = getattr(box, "enable_internet", None)
-    out["stats"] = _stats(box)
+    out["stats"] = box_stats(box)
     policy = _policy(box)
     if policy is not None:
         out["policy"] = policy
