@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Optional
 
+from .ksplice import splice_fds
 from .policy import Decision
 from .resolve import Resolve, ResolveError
 
@@ -65,8 +68,59 @@ async def open_upstream(decision: Decision, *, resolve: Resolve, connect: Connec
     raise last
 
 
+def _plain_fd(streams: Streams) -> Optional[int]:
+    """The socket's fd when `streams` is plain TCP on a selector loop (what the kernel
+    relay needs), else None."""
+    writer = streams[1]
+    sock = writer.get_extra_info("socket")
+    if (sock is None or writer.get_extra_info("sslcontext") is not None
+            or not isinstance(asyncio.get_running_loop(), asyncio.selector_events.BaseSelectorEventLoop)
+            or sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM):
+        return None
+    return sock.fileno()
+
+
+async def _hand_over(streams: Streams, other: asyncio.StreamWriter, counter: list[int]) -> None:
+    """Take the socket from its transport for the kernel relay: no more reads by asyncio,
+    bytes it already read go to the other side first, bytes queued for it go out."""
+    reader, writer = streams
+    writer.transport.pause_reading()
+    buffered = bytes(reader._buffer)  # read by asyncio before the switch: not lost
+    reader._buffer.clear()
+    if buffered:
+        counter[0] += len(buffered)
+        other.write(buffered)
+    async with asyncio.timeout(WRITE_TIMEOUT):
+        await writer.drain()
+
+
 async def splice(a: Streams, b: Streams, *, idle: float = SPLICE_IDLE,
                  counter: Optional[list[int]] = None) -> None:
+    """Bytes both ways; in the kernel (`ksplice`) when both sides are plain TCP."""
+    count = counter if counter is not None else [0]
+    fa, fb = _plain_fd(a), _plain_fd(b)
+    if fa is None or fb is None or a[0].at_eof() or b[0].at_eof():
+        await copy(a, b, idle=idle, counter=count)
+        return
+    await _hand_over(a, b[1], count)
+    await _hand_over(b, a[1], count)
+    async with asyncio.timeout(WRITE_TIMEOUT):
+        await a[1].drain()
+        await b[1].drain()
+    # Own descriptors: asyncio refuses add_reader on an fd a transport still holds.
+    da = os.dup(fa)
+    try:
+        db = os.dup(fb)
+        try:
+            await splice_fds(da, db, idle=idle, write_timeout=WRITE_TIMEOUT, counter=count)
+        finally:
+            os.close(db)
+    finally:
+        os.close(da)
+
+
+async def copy(a: Streams, b: Streams, *, idle: float = SPLICE_IDLE,
+               counter: Optional[list[int]] = None) -> None:
     """Bytes both ways until both directions ended, or nothing moved either way for
     `idle` seconds, or one side stopped accepting bytes (`WRITE_TIMEOUT`). Memory stays
     bounded: each direction holds at most one chunk plus the transport's write buffer

@@ -23,7 +23,13 @@ from typing import Any, Optional
 __all__ = ["PER_SANDBOX", "ConnectionLimits", "LogLimiter", "AcceptBackoff", "fd_budget",
            "raise_nofile_limit", "reset"]
 
-PER_SANDBOX = 256     # concurrent proxy connections of one sandbox
+# Concurrent proxy connections of one sandbox: enough for a client with a thousand open
+# connections (a load test, a crawler) to be served, not queued or reset; still a bound
+# (the excess is reset), and the total keeps its last quarter for sandboxes holding few.
+# On a process with few descriptors, a quarter of them (never below PER_SANDBOX_MIN):
+# one sandbox must not take the descriptors every other sandbox needs.
+PER_SANDBOX = 1024
+PER_SANDBOX_MIN = 256
 FDS_PER_CONN = 3      # sandbox side + upstream + (URL handler) orchestrator
 FD_RESERVE = 1536     # for everything else: DNS forwarder, sandboxes' pidfds, pipes, netns
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -66,19 +72,28 @@ class ConnectionLimits:
 
     FAIR = 16
 
-    def __init__(self, per_key: int = PER_SANDBOX, total: Optional[int] = None) -> None:
+    def __init__(self, per_key: Optional[int] = None, total: Optional[int] = None) -> None:
         if total is None:
             total = max(64, (fd_budget() - FD_RESERVE) // FDS_PER_CONN)
-        self.per_key, self.total = min(per_key, total), total
+        self._fixed = per_key is not None
+        self._per_key, self.total = min(PER_SANDBOX if per_key is None else per_key, total), total
         self.busy = total * 3 // 4
         self._open: Counter[str] = Counter()
         self._sum = 0
+
+    @property
+    def per_key(self) -> int:
+        """The bound in force: by default re-read against the descriptors the process
+        has now (the limit may be lowered while running)."""
+        if self._fixed:
+            return self._per_key
+        return min(self._per_key, max(PER_SANDBOX_MIN, fd_budget() // 4))
 
     def acquire(self, key: str) -> bool:
         n = self._open.get(key, 0)
         if self._sum >= self.total or n >= self.per_key:
             return False
-        if self._sum >= self.busy and n >= min(self.FAIR, self.per_key):
+        if self._sum >= self.busy and n >= min(self.FAIR, self._per_key):
             return False
         self._open[key] += 1
         self._sum += 1

@@ -153,7 +153,7 @@ class ProxyServer:
                 # IP_TRANSPARENT may accept them (needs CAP_NET_ADMIN).
                 sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             sock.bind(self._listen)
-            sock.listen(1024)
+            sock.listen(4096)  # a burst of connects from one sandbox is queued, not dropped
             sock.setblocking(False)
         except BaseException:
             sock.close()
