@@ -119,7 +119,7 @@ while True:
         except BlockingIOError:
             pass
         live = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-        nxt = max([nxt] + [p + 1 for p in live if p > me])
+        top = max([top] + [p for p in live if p > me])
 print(json.dumps({"found": found, "reads": reads, "wrote": wrote, "opened": opened,
                   "last": nxt - 1}), flush=True)
 """
@@ -227,10 +227,15 @@ hold = float(sys.argv[1])
 me = os.getpid()
 os.set_blocking(0, False)
 stopped, held = {}, {}
-nxt, spins = me + 1, 0
+top, spins = me, 0
 print("ready", flush=True)
 while True:
-    for pid in range(nxt, nxt + 4):
+    # Every PID not yet stopped up to a few past the highest seen: two
+    # concurrent forks may become visible out of PID order (alloc before
+    # attach), so a lower PID can appear after a higher one was stopped.
+    for pid in range(me + 1, top + 5):
+        if pid in stopped:
+            continue
         try:
             os.kill(pid, signal.SIGSTOP)
         except ProcessLookupError:
@@ -241,7 +246,7 @@ while True:
             exe = "!" + errno.errorcode[e.errno]
         stopped[pid] = exe
         held[pid] = time.monotonic()
-        nxt = pid + 1
+        top = max(top, pid)
         print("stopped", pid, exe, flush=True)
     if hold >= 0:
         now = time.monotonic()
@@ -260,7 +265,7 @@ while True:
         except BlockingIOError:
             pass
         live = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-        nxt = max([nxt] + [p + 1 for p in live if p > me])
+        top = max([top] + [p for p in live if p > me])
 for pid in stopped:
     try:
         os.kill(pid, signal.SIGCONT)
