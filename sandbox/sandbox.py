@@ -144,12 +144,12 @@ class Sandbox(OutboundMixin):
         entry = check_cmd(entrypoint, "entrypoint") if entrypoint is not None else None
         if not isinstance(enable_internet, bool):
             raise TypeError("enable_internet must be a bool")
-        if cwd is not None and (not isinstance(cwd, str) or "\0" in cwd):
-            raise ValueError("cwd must be a str without NUL")
         if not isinstance(console, bool):
             raise TypeError("console must be a bool")
         if console and stdio is not None:
             raise ValueError("console and stdio exclude each other")
+        if cwd is not None and (not isinstance(cwd, str) or "\0" in cwd):
+            raise ValueError("cwd must be a str without NUL")
         async with self._lock:
             if self._state == RUNNING:
                 raise SandboxError(f"sandbox {self.name} is already running")
@@ -178,10 +178,10 @@ class Sandbox(OutboundMixin):
                 else:
                     await self._spawn(entry, cwd, user, stdio)
             except BaseException:
+                # (None when PID 1 already ran and its exit released them)
                 res, self._res = self._res, None
                 if res is not None:
                     await self._rt._release(self, res)
-                # (None when PID 1 already ran and its exit released them)
                 raise
             self._state = RUNNING
             log.debug("sandbox.start", sandbox=self.name, id=self.id, step="start", pid=self._pid,
