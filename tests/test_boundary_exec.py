@@ -119,7 +119,7 @@ while True:
         except BlockingIOError:
             pass
         live = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-        top = max([top] + [p for p in live if p > me])
+        nxt = max([nxt] + [p + 1 for p in live if p > me])
 print(json.dumps({"found": found, "reads": reads, "wrote": wrote, "opened": opened,
                   "last": nxt - 1}), flush=True)
 """
