@@ -118,10 +118,36 @@ fail:
     return r;
 }
 
+/* Shared by child() and child_oci(): the new root, then the hostname. */
+static void build_root(const struct sbx_start *s, int errfd)
+{
+    int r, idx;
+    /* Private, recursively: no mount we make propagates back to the host,
+     * and no host mount event reaches in. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        fail(errfd, SBX_STEP_PROPAGATION, -errno, -1, NULL);
+    if ((r = sbx_mount_run(s->ops, s->nops, &idx)) < 0)
+        fail(errfd, SBX_STEP_MOUNT, r, idx, s->ops[idx].dst);
+    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
+        fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, s->hostname);
+}
+
+/* fds 0-2: the sandbox's own pty (console_fd) or the given stdio. */
+static void setup_stdio(const struct sbx_start *s, int errfd)
+{
+    int r;
+    if (s->console_fd >= 0) {
+        const char *what = NULL;
+        if ((r = console(s->console_fd, &what)) < 0)
+            fail(errfd, SBX_STEP_STDIO, r, -1, what);
+    } else if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
+        fail(errfd, SBX_STEP_STDIO, r, -1, NULL);
+}
+
 /* The ordered setup list (DESIGN §6.4). Never returns. */
 static void child(const struct sbx_start *s, int errfd)
 {
-    int r, idx;
+    int r;
     /* Die with the runtime instead of outliving it unsupervised. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     /* A fresh process is never a group leader, so this cannot fail in
@@ -142,23 +168,8 @@ static void child(const struct sbx_start *s, int errfd)
     if ((r = sbx_unshare(CLONE_NEWCGROUP)) < 0)
         fail(errfd, SBX_STEP_CGROUPNS, r, -1, NULL);
 
-    /* Private, recursively: no mount we make propagates back to the host,
-     * and no host mount event reaches in. */
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
-        fail(errfd, SBX_STEP_PROPAGATION, -errno, -1, NULL);
-
-    if ((r = sbx_mount_run(s->ops, s->nops, &idx)) < 0)
-        fail(errfd, SBX_STEP_MOUNT, r, idx, s->ops[idx].dst);
-
-    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
-        fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, s->hostname);
-
-    if (s->console_fd >= 0) {
-        const char *what = NULL;
-        if ((r = console(s->console_fd, &what)) < 0)
-            fail(errfd, SBX_STEP_STDIO, r, -1, what);
-    } else if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
-        fail(errfd, SBX_STEP_STDIO, r, -1, NULL);
+    build_root(s, errfd);
+    setup_stdio(s, errfd);
 
     if ((r = sbx_caps_apply(s->caps)) < 0)
         fail(errfd, SBX_STEP_CAPS, r, -1, NULL);
@@ -214,7 +225,7 @@ static int write_file(const char *path, const char *val)
 static void child_oci(const struct sbx_start *s, int errfd)
 {
     const struct sbx_oci *o = s->oci;
-    int r, idx;
+    int r;
     if (setsid() < 0)
         fail(errfd, SBX_STEP_STDIO, -errno, -1, "setsid");
     for (int i = 0; i < o->njoin; i++)
@@ -237,20 +248,10 @@ static void child_oci(const struct sbx_start *s, int errfd)
         if (setrlimit(o->rlimit_types[i], &rl) < 0)
             fail(errfd, SBX_STEP_CAPS, -errno, i, "setrlimit");
     }
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
-        fail(errfd, SBX_STEP_PROPAGATION, -errno, -1, NULL);
-    if ((r = sbx_mount_run(s->ops, s->nops, &idx)) < 0)
-        fail(errfd, SBX_STEP_MOUNT, r, idx, s->ops[idx].dst);
-    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
-        fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, s->hostname);
+    build_root(s, errfd);
     if (o->domainname && setdomainname(o->domainname, strlen(o->domainname)) < 0)
         fail(errfd, SBX_STEP_HOSTNAME, -errno, -1, o->domainname);
-    if (s->console_fd >= 0) {
-        const char *what = NULL;
-        if ((r = console(s->console_fd, &what)) < 0)
-            fail(errfd, SBX_STEP_STDIO, r, -1, what);
-    } else if ((r = sbx_proc_stdio(s->stdin_fd, s->stdout_fd, s->stderr_fd)) < 0)
-        fail(errfd, SBX_STEP_STDIO, r, -1, NULL);
+    setup_stdio(s, errfd);
     /* sbx-init finds the error pipe on fd 3 and the exec fifo on fd 4. */
     int init_fd = s->init_fd;
     if (init_fd <= 4 && (init_fd = fcntl(init_fd, F_DUPFD_CLOEXEC, 5)) < 0)
