@@ -16,7 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Optional
 
-from .ksplice import splice_fds
+from .ksplice import both_ways, splice_fds
 from .policy import Decision
 from .resolve import Resolve, ResolveError
 
@@ -149,16 +149,7 @@ async def copy(a: Streams, b: Streams, *, idle: float = SPLICE_IDLE,
             with contextlib.suppress(OSError, RuntimeError):
                 dst.write_eof()  # half-close: the other direction may still be talking
 
-    tasks = [asyncio.ensure_future(pipe(a[0], b[1])), asyncio.ensure_future(pipe(b[0], a[1]))]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await both_ways(pipe(a[0], b[1]), pipe(b[0], a[1]))
 
 
 async def close_writer(writer: asyncio.StreamWriter, timeout: Optional[float] = None) -> None:

@@ -108,8 +108,14 @@ async def splice_fds(a: int, b: int, *, idle: float, write_timeout: float,
     loop = asyncio.get_running_loop()
     last = [loop.time()]
     count = counter if counter is not None else [0]
-    tasks = [asyncio.ensure_future(_direction(a, b, idle, write_timeout, last, count)),
-             asyncio.ensure_future(_direction(b, a, idle, write_timeout, last, count))]
+    await both_ways(_direction(a, b, idle, write_timeout, last, count),
+                    _direction(b, a, idle, write_timeout, last, count))
+
+
+async def both_ways(*coros) -> None:
+    """Runs the directions of a relay together until all ended; the first error
+    ends the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
